@@ -5,6 +5,18 @@ and nothing else; see docs/ for the guides.
 """
 
 from ._version import __version__
+from .quant import (
+    FORMATS,
+    IMPLEMENTATION,
+    QuantizedTensor,
+    TensorSpec,
+    decode_slice,
+    dequantize,
+    encode_slice_into,
+    iter_slices,
+    make_spec,
+    quantize,
+)
 from .errors import (
     LlmwireError,
     LocalProtocolError,
@@ -16,6 +28,16 @@ from .errors import (
 
 __all__ = [
     "__version__",
+    "FORMATS",
+    "IMPLEMENTATION",
+    "QuantizedTensor",
+    "TensorSpec",
+    "decode_slice",
+    "dequantize",
+    "encode_slice_into",
+    "iter_slices",
+    "make_spec",
+    "quantize",
     "LlmwireError",
     "LocalProtocolError",
     "NonFiniteError",
