@@ -14,7 +14,7 @@ if sys.platform != "win32":
 
 native = Extension(
     "llmwire._native",
-    sources=[os.path.join("csrc", name) for name in ("module.c", "kernels.c")],
+    sources=[os.path.join("csrc", name) for name in ("module.c", "kernels.c", "kernels_x86.c")],
     depends=[os.path.join("csrc", "kernels.h")],
     extra_compile_args=extra_compile_args,
 )

@@ -42,7 +42,8 @@ static inline float f16_to_f32(uint16_t h)
     uint32_t exponent = ((uint32_t)h >> 10) & 0x1fu;
     uint32_t mantissa = (uint32_t)h & 0x3ffu;
     uint32_t normal = sign | ((exponent + 112u) << 23) | (mantissa << 13);
-    uint32_t special = sign | 0x7f800000u | (mantissa << 13);
+    /* inf keeps its bits; NaN keeps its payload and is made quiet */
+    uint32_t special = sign | 0x7f800000u | (mantissa << 13) | (mantissa ? 0x400000u : 0u);
     uint32_t subnormal = f2u((float)mantissa * 0x1p-24f) | sign;
     return u2f(exponent == 31u ? special : exponent == 0u ? subnormal : normal);
 }
@@ -73,7 +74,8 @@ static void widen(const void *restrict src, int dtype, float *restrict out, size
 {
     if (dtype == LW_FLOAT16) {
         const uint16_t *s = (const uint16_t *)src;
-        for (size_t i = 0; i < n; i++) out[i] = f16_to_f32(s[i]);
+        size_t i = lw_cpu_has_avx2() ? lw_widen_f16_avx2(s, out, n) : 0;
+        for (; i < n; i++) out[i] = f16_to_f32(s[i]);
     } else if (dtype == LW_BFLOAT16) {
         const uint16_t *s = (const uint16_t *)src;
         for (size_t i = 0; i < n; i++) out[i] = bf16_to_f32(s[i]);
@@ -84,9 +86,10 @@ static void widen(const void *restrict src, int dtype, float *restrict out, size
 
 static void narrow(const float *restrict src, uint16_t *restrict out, int dtype, size_t n)
 {
-    if (dtype == LW_FLOAT16)
-        for (size_t i = 0; i < n; i++) out[i] = f32_to_f16(src[i]);
-    else
+    if (dtype == LW_FLOAT16) {
+        size_t i = lw_cpu_has_avx2() ? lw_narrow_f16_avx2(src, out, n) : 0;
+        for (; i < n; i++) out[i] = f32_to_f16(src[i]);
+    } else
         for (size_t i = 0; i < n; i++) out[i] = f32_to_bf16(src[i]);
 }
 
@@ -154,7 +157,9 @@ static void quantize4(const float *restrict v, size_t len, float inv,
         step[k] = (int32_t)t->rank_to_code[k + 1] - (int32_t)t->rank_to_code[k];
     }
     uint8_t codes[LW_MAX_BLOCK];
-    for (size_t i = 0; i < len; i++) {
+    size_t i = lw_cpu_has_avx2()
+        ? lw_codes4_avx2(v, len, inv, t->thresholds, t->rank_to_code, codes) : 0;
+    for (; i < len; i++) {
         float s = scale_clamp(v[i], inv);
         int32_t c = first;
         for (int k = 0; k < 15; k++) c += s > thr[k] ? step[k] : 0;
@@ -219,7 +224,9 @@ int64_t lw_quantize(const void *src, int src_dtype, size_t n, size_t block,
         if (bits == 4) {                                                          \
             const uint8_t *c = codes + off / 2;                                   \
             size_t pairs = len / 2;                                               \
-            for (size_t j = 0; j < pairs; j++) {                                  \
+            size_t j = fast4 ? lw_dequant4_f32_avx2(c, len, (const float *)table, \
+                                                    (float *)o) / 2 : 0;          \
+            for (; j < pairs; j++) {                                              \
                 o[2 * j] = table[c[j] >> 4];                                      \
                 o[2 * j + 1] = table[c[j] & 15];                                  \
             }                                                                     \
@@ -238,14 +245,17 @@ void lw_dequantize(const uint8_t *codes, const float *absmax, size_t n, size_t b
     uint16_t narrowed[256];
     size_t ncodes = (size_t)1 << bits;
     size_t nblocks = (n + block - 1) / block;
+    int avx2 = lw_cpu_has_avx2();
     for (size_t b = 0; b < nblocks; b++) {
         size_t off = b * block;
         size_t len = n - off < block ? n - off : block;
         float am = absmax[b];
         for (size_t k = 0; k < ncodes; k++) scaled[k] = code_values[k] * am;
         if (dst_dtype == LW_FLOAT32) {
+            int fast4 = avx2;
             DEQUANT_BLOCK(float, scaled);
         } else {
+            int fast4 = 0;
             narrow(scaled, narrowed, dst_dtype, ncodes);
             DEQUANT_BLOCK(uint16_t, narrowed);
         }

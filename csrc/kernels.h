@@ -44,4 +44,13 @@ int64_t lw_quantize(const void *src, int src_dtype, size_t n, size_t block,
 void lw_dequantize(const uint8_t *codes, const float *absmax, size_t n, size_t block,
                    int bits, const float *code_values, void *dst, int dst_dtype);
 
+/* AVX2 + F16C paths (kernels_x86.c); each returns how many elements it did,
+ * the caller finishes the tail. Only called when lw_cpu_has_avx2(). */
+int lw_cpu_has_avx2(void);
+size_t lw_narrow_f16_avx2(const float *src, uint16_t *dst, size_t n);
+size_t lw_widen_f16_avx2(const uint16_t *src, float *dst, size_t n);
+size_t lw_codes4_avx2(const float *v, size_t len, float inv, const float *thresholds,
+                      const uint8_t *rank_to_code, uint8_t *codes);
+size_t lw_dequant4_f32_avx2(const uint8_t *codes, size_t len, const float *table, float *out);
+
 #endif

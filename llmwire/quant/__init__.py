@@ -7,10 +7,12 @@ from .codec import (
     TensorSpec,
     decode_slice,
     dequantize,
+    dequantize_state_dict,
     encode_slice_into,
     iter_slices,
     make_spec,
     quantize,
+    quantize_state_dict,
 )
 from .formats import FORMATS, get_format
 
@@ -21,9 +23,11 @@ __all__ = [
     "TensorSpec",
     "decode_slice",
     "dequantize",
+    "dequantize_state_dict",
     "encode_slice_into",
     "get_format",
     "iter_slices",
     "make_spec",
     "quantize",
+    "quantize_state_dict",
 ]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import msgpack
 import numpy as np
@@ -41,6 +41,8 @@ __all__ = [
     "make_spec",
     "quantize",
     "dequantize",
+    "quantize_state_dict",
+    "dequantize_state_dict",
     "encode_slice_into",
     "decode_slice",
     "iter_slices",
@@ -48,10 +50,9 @@ __all__ = [
 
 NONFINITE_POLICIES = ("saturate", "raise")
 
-#: Tensors smaller than this (elements) are done on the calling thread.
+#: Tensors smaller than this (elements) are done on the calling thread; larger
+#: ones are cut into one piece per core (the kernels release the GIL).
 PARALLEL_MIN_ELEMENTS = 1 << 20
-#: Work item size (elements, before alignment) when a tensor is split.
-WORK_ITEM_ELEMENTS = 1 << 20
 
 _CAST_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
 _HEADER_KEYS = ("format", "dtype", "shape", "block_size", "nested")
@@ -333,29 +334,67 @@ _pool: ThreadPoolExecutor | None = None
 def _executor() -> ThreadPoolExecutor:
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1),
-                                   thread_name_prefix="llmwire-quant")
+        _pool = ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="llmwire-quant")
     return _pool
 
 
-def _ranges(spec: TensorSpec) -> list[tuple[int, int]]:
+def _workers() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+def _ranges(spec: TensorSpec, item: int | None = None) -> list[tuple[int, int]]:
+    """Work items for one tensor: one per core by default, or pieces of about
+    ``item`` elements (at least PARALLEL_MIN_ELEMENTS) when many tensors
+    share the pool."""
     numel = spec.numel
     if numel < PARALLEL_MIN_ELEMENTS:
         return [(0, numel)] if numel else []
-    workers = max(1, os.cpu_count() or 1)
-    item = min(WORK_ITEM_ELEMENTS, -(-numel // workers))
-    return list(iter_slices(numel, spec.alignment, item))
+    size = -(-numel // _workers()) if item is None else max(item, PARALLEL_MIN_ELEMENTS)
+    return list(iter_slices(numel, spec.alignment, size))
 
 
 def _run(tasks: list[Any]) -> list[Any]:
+    """Run the tasks, all but the first on the pool and the first here."""
     if len(tasks) <= 1:
         return [task() for task in tasks]
-    return list(_executor().map(lambda task: task(), tasks))
+    futures = [_executor().submit(task) for task in tasks[1:]]
+    first = tasks[0]()
+    return [first] + [future.result() for future in futures]
+
+
+def _run_pooled(tasks: list[Any]) -> list[Any]:
+    """Run many tasks on the pool with no hand-off per task on the caller's
+    critical path (for batches of tensors)."""
+    if len(tasks) <= 1:
+        return [task() for task in tasks]
+    futures = [_executor().submit(task) for task in tasks]
+    return [future.result() for future in futures]
 
 
 def _part_views(spec: TensorSpec, parts: Sequence[np.ndarray], start: int, stop: int
                 ) -> list[np.ndarray]:
     return [part[lo:hi] for part, (lo, hi) in zip(parts, spec.part_ranges(start, stop))]
+
+
+def _encode_plan(tensor: Any, fmt: str, block_size: int | None, nested: bool, item: int | None
+                 ) -> tuple[TensorView, TensorSpec, dict[str, np.ndarray], list[Any]]:
+    view = view_tensor(tensor)
+    spec = make_spec(view.dtype, view.shape, fmt, block_size=block_size, nested=nested)
+    parts = {name: np.empty(length, dtype=dtype)
+             for name, dtype, length in spec.part_layout(spec.numel)}
+    arrays = list(parts.values())
+
+    def task(start: int, stop: int) -> int:
+        return encode_slice_into(spec, view.slice(start, stop),
+                                 _part_views(spec, arrays, start, stop))
+
+    tasks = [lambda a=a, b=b: task(a, b) for a, b in _ranges(spec, item)]
+    return view, spec, parts, tasks
+
+
+def _check_policy(nonfinite: str) -> None:
+    if nonfinite not in NONFINITE_POLICIES:
+        raise QuantizationError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
 
 
 def quantize(tensor: Any, fmt: str, *, block_size: int | None = None, nested: bool = False,
@@ -370,32 +409,42 @@ def quantize(tensor: Any, fmt: str, *, block_size: int | None = None, nested: bo
     (:class:`~llmwire.NonFiniteError`); the default maps them by the
     documented rule. Large tensors are split over a thread pool.
     """
-    if nonfinite not in NONFINITE_POLICIES:
-        raise QuantizationError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
-    view = view_tensor(tensor)
-    spec = make_spec(view.dtype, view.shape, fmt, block_size=block_size, nested=nested)
-    parts = {name: np.empty(length, dtype=dtype)
-             for name, dtype, length in spec.part_layout(spec.numel)}
-    arrays = list(parts.values())
-
-    def task(start: int, stop: int) -> int:
-        return encode_slice_into(spec, view.slice(start, stop),
-                                 _part_views(spec, arrays, start, stop))
-
-    found = sum(_run([lambda a=a, b=b: task(a, b) for a, b in _ranges(spec)]))
+    _check_policy(nonfinite)
+    view, spec, parts, tasks = _encode_plan(tensor, fmt, block_size, nested, None)
+    found = sum(_run(tasks))
     if found and nonfinite == "raise":
         raise NonFiniteError(found)
     return QuantizedTensor(spec, parts, found, view.container)
 
 
-def dequantize(q: QuantizedTensor, *, out: Any = None, container: str | None = None) -> Any:
-    """Restore a :class:`QuantizedTensor` to its original dtype and shape.
+def quantize_state_dict(state_dict: Mapping[str, Any], fmt: str, *,
+                        block_size: int | None = None, nested: bool = False,
+                        nonfinite: str = "saturate") -> dict[str, QuantizedTensor]:
+    """:func:`quantize` every tensor of a state dict, keeping its order.
 
-    Returns a torch tensor if the original was one (or ``container="torch"``),
-    else a NumPy array (bfloat16 as a torch tensor only: NumPy has none, so a
-    NumPy bfloat16 result is its uint16 bit patterns). With ``out=``, writes
-    into that existing tensor (same shape and dtype, contiguous) and returns it.
+    All tensors' pieces go to the thread pool at once, so small tensors do
+    not each pay a thread hand-off. Same arguments and errors as
+    :func:`quantize`; with ``nonfinite="raise"`` the error names the first
+    tensor holding NaN/±inf.
     """
+    _check_policy(nonfinite)
+    plans = {name: _encode_plan(t, fmt, block_size, nested, PARALLEL_MIN_ELEMENTS)
+             for name, t in state_dict.items()}
+    flat = [(name, task) for name, plan in plans.items() for task in plan[3]]
+    counts = _run_pooled([task for _, task in flat])
+    found: dict[str, int] = dict.fromkeys(plans, 0)
+    for (name, _), count in zip(flat, counts):
+        found[name] += count
+    result = {}
+    for name, (view, spec, parts, _) in plans.items():
+        if found[name] and nonfinite == "raise":
+            raise NonFiniteError(found[name], name)
+        result[name] = QuantizedTensor(spec, parts, found[name], view.container)
+    return result
+
+
+def _decode_plan(q: Any, out: Any, container: str | None, item: int | None
+                 ) -> tuple[Any, list[Any]]:
     if not isinstance(q, QuantizedTensor):
         raise QuantizationError(f"expected a QuantizedTensor, got {type(q).__name__}")
     spec = q.spec
@@ -413,5 +462,34 @@ def dequantize(q: QuantizedTensor, *, out: Any = None, container: str | None = N
     def task(start: int, stop: int) -> None:
         decode_slice(spec, _part_views(spec, arrays, start, stop), flat[start:stop])
 
-    _run([lambda a=a, b=b: task(a, b) for a, b in _ranges(spec)])
+    return result, [lambda a=a, b=b: task(a, b) for a, b in _ranges(spec, item)]
+
+
+def dequantize(q: QuantizedTensor, *, out: Any = None, container: str | None = None) -> Any:
+    """Restore a :class:`QuantizedTensor` to its original dtype and shape.
+
+    Returns a torch tensor if the original was one (or ``container="torch"``),
+    else a NumPy array (a NumPy bfloat16 result is held as its uint16 bit
+    patterns, NumPy having no bfloat16). With ``out=``, writes into that
+    existing tensor (same shape and dtype, contiguous) and returns it.
+    """
+    result, tasks = _decode_plan(q, out, container, None)
+    _run(tasks)
     return result
+
+
+def dequantize_state_dict(quantized: Mapping[str, QuantizedTensor], *,
+                          out: Mapping[str, Any] | None = None,
+                          container: str | None = None) -> dict[str, Any]:
+    """:func:`dequantize` a dict of :class:`QuantizedTensor`. With ``out=`` (for
+    example a model's own ``state_dict()``), every entry is written in place
+    into the tensor of the same name, which must exist."""
+    if out is not None:
+        missing = [name for name in quantized if name not in out]
+        if missing:
+            raise QuantizationError(f"out has no tensor for {missing[:5]}")
+    plans = {name: _decode_plan(q, None if out is None else out[name], container,
+                                PARALLEL_MIN_ELEMENTS)
+             for name, q in quantized.items()}
+    _run_pooled([task for _, tasks in plans.values() for task in tasks])
+    return {name: result for name, (result, _) in plans.items()}

@@ -13,7 +13,9 @@ The rules, in one place:
 * **float32 -> float16 / bfloat16** rounds to nearest, ties to even; values
   past the largest finite value become ±inf; NaN stays NaN with its sign,
   quiet, keeping the top payload bits.
-* **float16 / bfloat16 -> float32** is exact (NaN payloads kept).
+* **float16 / bfloat16 -> float32** is exact; a float16 NaN keeps its sign
+  and payload and is made quiet (as the F16C instruction does), a bfloat16
+  NaN keeps all its bits.
 * **Block quantization.** For each block of ``block_size`` elements (the last
   one may be short): ``absmax`` is the largest *finite* magnitude in the block
   (0.0 if there is none). ``inv = 1 / absmax`` (float32; 0 when absmax is 0).
@@ -54,7 +56,7 @@ def _f16_bits_to_f32(h: np.ndarray) -> np.ndarray:
     exponent = (h >> 10) & 0x1F
     mantissa = h & 0x3FF
     normal = sign | ((exponent + 112) << 23) | (mantissa << 13)
-    special = sign | 0x7F800000 | (mantissa << 13)
+    special = sign | 0x7F800000 | (mantissa << 13) | np.where(mantissa != 0, 0x400000, 0)
     # subnormal halves are m * 2**-24: exact in float32
     subnormal = (mantissa.astype(np.float32) * np.float32(2.0**-24)).view(_U32) | sign
     bits = np.where(exponent == 0x1F, special, np.where(exponent == 0, subnormal, normal))

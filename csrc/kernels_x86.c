@@ -1,0 +1,139 @@
+/* AVX2 + F16C versions of the hottest loops, picked at run time when the CPU
+ * has both (kernels.c falls back to portable C otherwise). Each function
+ * computes exactly what its portable twin computes; tests hold both to the
+ * NumPy reference.
+ *
+ * Why intrinsics here and not elsewhere: GCC does not turn the 16-entry code
+ * look-ups into vpermps, nor the float16 conversions into vcvtps2ph, by
+ * itself; those two are most of the cost of 4-bit (de)quantization and casts.
+ */
+#include "kernels.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+#define LW_AVX2 __attribute__((target("avx2,f16c")))
+
+int lw_cpu_has_avx2(void)
+{
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    }
+    return cached;
+}
+
+LW_AVX2 size_t lw_narrow_f16_avx2(const float *src, uint16_t *dst, size_t n)
+{
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128((__m128i *)(dst + i), h);
+    }
+    return i;
+}
+
+LW_AVX2 size_t lw_widen_f16_avx2(const uint16_t *src, float *dst, size_t n)
+{
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    return i;
+}
+
+/* table[idx] for idx in 0..15, the table held in two 8-lane registers */
+LW_AVX2 static inline __m256 lookup16_ps(__m256 lo, __m256 hi, __m256i idx)
+{
+    __m256 mask = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7)));
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx),
+                            _mm256_permutevar8x32_ps(hi, idx), mask);
+}
+
+LW_AVX2 static inline __m256i lookup16_epi32(__m256i lo, __m256i hi, __m256i idx)
+{
+    __m256i mask = _mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7));
+    return _mm256_blendv_epi8(_mm256_permutevar8x32_epi32(lo, idx),
+                              _mm256_permutevar8x32_epi32(hi, idx), mask);
+}
+
+/* 4-bit codes of v[0..len) (len a multiple of 32) into codes[] (one per byte).
+ * rank = #{thresholds < s} by a branch-free binary search over the 16 padded
+ * thresholds, then code = rank_to_code[rank]. */
+LW_AVX2 size_t lw_codes4_avx2(const float *v, size_t len, float inv, const float *thresholds,
+                              const uint8_t *rank_to_code, uint8_t *codes)
+{
+    float thr[16];
+    int32_t r2c[16];
+    int identity = 1;
+    for (int k = 0; k < 15; k++) thr[k] = thresholds[k];
+    thr[15] = __builtin_inff();
+    for (int k = 0; k < 16; k++) {
+        r2c[k] = rank_to_code[k];
+        identity &= r2c[k] == k;
+    }
+    const __m256 t_lo = _mm256_loadu_ps(thr), t_hi = _mm256_loadu_ps(thr + 8);
+    const __m256i c_lo = _mm256_loadu_si256((const __m256i *)r2c);
+    const __m256i c_hi = _mm256_loadu_si256((const __m256i *)(r2c + 8));
+    const __m256 vinv = _mm256_set1_ps(inv), one = _mm256_set1_ps(1.0f);
+    const __m256 minus_one = _mm256_set1_ps(-1.0f), zero = _mm256_setzero_ps();
+    const __m256 t7 = _mm256_set1_ps(thr[7]);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    size_t i = 0;
+    for (; i + 32 <= len; i += 32) {
+        __m256i ranks[4];
+        for (int q = 0; q < 4; q++) {
+            __m256 s = _mm256_mul_ps(_mm256_loadu_ps(v + i + 8 * q), vinv);
+            s = _mm256_blendv_ps(s, zero, _mm256_cmp_ps(s, s, _CMP_UNORD_Q));
+            s = _mm256_min_ps(_mm256_max_ps(s, minus_one), one);
+            __m256i r = _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(s, t7, _CMP_GT_OQ)),
+                                         _mm256_set1_epi32(8));
+            for (int step = 4; step >= 1; step >>= 1) {
+                __m256i idx = _mm256_add_epi32(r, _mm256_set1_epi32(step - 1));
+                __m256 t = lookup16_ps(t_lo, t_hi, idx);
+                __m256i gt = _mm256_castps_si256(_mm256_cmp_ps(s, t, _CMP_GT_OQ));
+                r = _mm256_add_epi32(r, _mm256_and_si256(gt, _mm256_set1_epi32(step)));
+            }
+            ranks[q] = identity ? r : lookup16_epi32(c_lo, c_hi, r);
+        }
+        __m256i a = _mm256_packus_epi32(ranks[0], ranks[1]);
+        __m256i b = _mm256_packus_epi32(ranks[2], ranks[3]);
+        __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(a, b), order);
+        _mm256_storeu_si256((__m256i *)(codes + i), bytes);
+    }
+    return i;
+}
+
+/* Dequantize packed 4-bit codes into float32: pairs of bytes in, 16 floats
+ * out per 8 bytes; table = the block's 16 scaled code values. Returns the
+ * number of elements written (a multiple of 16). */
+LW_AVX2 size_t lw_dequant4_f32_avx2(const uint8_t *codes, size_t len, const float *table,
+                                    float *out)
+{
+    const __m256 lo = _mm256_loadu_ps(table), hi = _mm256_loadu_ps(table + 8);
+    const __m256i low_nibble = _mm256_set1_epi32(15);
+    size_t i = 0;
+    for (; i + 16 <= len; i += 16) {
+        __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + i / 2)));
+        __m256i h = _mm256_srli_epi32(b, 4);
+        __m256i l = _mm256_and_si256(b, low_nibble);
+        __m256i u0 = _mm256_unpacklo_epi32(h, l);
+        __m256i u1 = _mm256_unpackhi_epi32(h, l);
+        _mm256_storeu_ps(out + i, lookup16_ps(lo, hi, _mm256_permute2x128_si256(u0, u1, 0x20)));
+        _mm256_storeu_ps(out + i + 8, lookup16_ps(lo, hi, _mm256_permute2x128_si256(u0, u1, 0x31)));
+    }
+    return i;
+}
+
+#else
+
+int lw_cpu_has_avx2(void) { return 0; }
+size_t lw_narrow_f16_avx2(const float *src, uint16_t *dst, size_t n) { return 0; }
+size_t lw_widen_f16_avx2(const uint16_t *src, float *dst, size_t n) { return 0; }
+size_t lw_codes4_avx2(const float *v, size_t len, float inv, const float *thresholds,
+                      const uint8_t *rank_to_code, uint8_t *codes) { return 0; }
+size_t lw_dequant4_f32_avx2(const uint8_t *codes, size_t len, const float *table, float *out)
+{ return 0; }
+
+#endif

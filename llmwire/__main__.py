@@ -1,0 +1,7 @@
+"""``python -m llmwire``: the same as the ``llmwire`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,101 @@
+"""Synthetic Llama-shaped state dicts for demos, benchmarks and tests.
+
+The shapes follow Llama's layout (token embedding, per-layer attention and
+MLP projections, RMSNorm weights, LM head) scaled to a parameter budget;
+weights are N(0, 0.02²) like a freshly initialised model, norms are near 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .errors import LlmwireError
+from .tensors import torch_module
+
+__all__ = ["llama_shapes", "llama_state_dict", "parse_size"]
+
+_WIDTHS = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 2560, 3072, 4096, 5120, 8192)
+
+
+def _mlp_width(hidden: int) -> int:
+    return max(64, (8 * hidden // 3 + 63) // 64 * 64)
+
+
+def llama_shapes(params: int) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a Llama-like model with about ``params`` parameters."""
+    if params < 10_000:
+        raise LlmwireError(f"--params must be at least 10000, got {params}")
+    hidden = _WIDTHS[0]
+    for width in _WIDTHS:
+        vocab = min(32000, max(256, params // (8 * width)))
+        per_layer = 4 * width * width + 3 * width * _mlp_width(width) + 2 * width
+        if 2 * vocab * width + 4 * per_layer <= params:
+            hidden = width
+    vocab = min(32000, max(256, params // (8 * hidden)))
+    mlp = _mlp_width(hidden)
+    per_layer = 4 * hidden * hidden + 3 * hidden * mlp + 2 * hidden
+    layers = max(1, round((params - 2 * vocab * hidden - hidden) / per_layer))
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[p + f"self_attn.{name}.weight"] = (hidden, hidden)
+        shapes[p + "mlp.gate_proj.weight"] = (mlp, hidden)
+        shapes[p + "mlp.up_proj.weight"] = (mlp, hidden)
+        shapes[p + "mlp.down_proj.weight"] = (hidden, mlp)
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+def llama_state_dict(params: int, *, dtype: str = "float32", seed: int = 0,
+                     container: str = "torch") -> dict[str, Any]:
+    """A state dict of about ``params`` parameters (torch tensors by default,
+    NumPy arrays with ``container="numpy"``; NumPy supports float32/float16)."""
+    torch = torch_module() if container == "torch" else None
+    if container == "torch" and torch is None:
+        container = "numpy"
+    shapes = llama_shapes(params)
+    out: dict[str, Any] = {}
+    if torch is not None:
+        generator = torch.Generator().manual_seed(seed)
+        tdtype = getattr(torch, dtype)
+        for name, shape in shapes.items():
+            if len(shape) == 1:
+                t = 1.0 + 0.02 * torch.randn(shape, generator=generator)
+            else:
+                t = torch.randn(shape, generator=generator).mul_(0.02)
+            out[name] = t.to(tdtype)
+        return out
+    rng = np.random.default_rng(seed)
+    for name, shape in shapes.items():
+        base = 1.0 if len(shape) == 1 else 0.0
+        a = rng.standard_normal(shape, dtype=np.float32)
+        a *= np.float32(0.02)
+        a += np.float32(base)
+        out[name] = a.astype(dtype)
+    return out
+
+
+_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+
+
+def parse_size(text: str | int) -> int:
+    """Parse ``100M``, ``1.5G``, ``512MiB``, ``1e8`` or a plain integer."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().lower().replace("_", "")
+    digits = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    suffix = s[len(digits):]
+    try:
+        value = float(digits)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r}") from None
+    if suffix not in _SUFFIXES or value < 0:
+        raise ValueError(f"not a size: {text!r} (use e.g. 100M, 1.5G, 512MiB)")
+    return int(value * _SUFFIXES[suffix])
