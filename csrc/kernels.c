@@ -178,7 +178,12 @@ static void quantize8(const float *restrict v, size_t len, float inv,
     const float *thr = t->thresholds;
     const uint8_t *buckets = t->buckets;
     const uint8_t *r2c = t->rank_to_code;
-    for (size_t i = 0; i < len; i++) {
+    /* the vector path writes ranks; they are codes when rank_to_code is the
+     * identity (true of the dynamic map), else mapped below */
+    size_t done = lw_cpu_has_avx2() ? lw_ranks8_avx2(v, len, inv, thr, buckets, out) : 0;
+    if (done && !t->identity)
+        for (size_t i = 0; i < done; i++) out[i] = r2c[out[i]];
+    for (size_t i = done; i < len; i++) {
         float s = scale_clamp(v[i], inv);
         uint32_t base = buckets[f2u(s) >> 16];
         out[i] = r2c[base + (uint32_t)(s > thr[base])];
@@ -204,6 +209,13 @@ int64_t lw_quantize(const void *src, int src_dtype, size_t n, size_t block,
         }
         float am = block_absmax(v, len, &nonfinite);
         absmax[b] = am;
+        if (am > 0.0f && am < 0x1p-126f) {
+            /* subnormal absmax: 1/am would overflow; scale the block by 2**32
+             * (exact for such small values) and use the scaled absmax */
+            for (size_t i = 0; i < len; i++) tmp[i] = v[i] * 0x1p32f;
+            v = tmp;
+            am *= 0x1p32f;
+        }
         float inv = am > 0.0f ? 1.0f / am : 0.0f;
         if (tables->bits == 4)
             quantize4(v, len, inv, tables, codes + off / 2);

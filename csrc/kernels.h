@@ -28,6 +28,7 @@ typedef struct {
     const float *thresholds;
     const uint8_t *rank_to_code;
     const uint8_t *buckets;
+    int identity; /* rank_to_code[r] == r for every r */
 } lw_code_tables;
 
 int lw_dtype_size(int dtype);
@@ -51,6 +52,8 @@ size_t lw_narrow_f16_avx2(const float *src, uint16_t *dst, size_t n);
 size_t lw_widen_f16_avx2(const uint16_t *src, float *dst, size_t n);
 size_t lw_codes4_avx2(const float *v, size_t len, float inv, const float *thresholds,
                       const uint8_t *rank_to_code, uint8_t *codes);
+size_t lw_ranks8_avx2(const float *v, size_t len, float inv, const float *thresholds,
+                      const uint8_t *buckets, uint8_t *ranks);
 size_t lw_dequant4_f32_avx2(const uint8_t *codes, size_t len, const float *table, float *out);
 
 #endif

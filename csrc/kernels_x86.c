@@ -58,6 +58,25 @@ LW_AVX2 static inline __m256i lookup16_epi32(__m256i lo, __m256i hi, __m256i idx
                               _mm256_permutevar8x32_epi32(hi, idx), mask);
 }
 
+/* s = x * inv; NaN -> 0; clamp to [-1, 1] (scale_clamp in kernels.c) */
+LW_AVX2 static inline __m256 scale_clamp8(const float *x, __m256 vinv)
+{
+    __m256 s = _mm256_mul_ps(_mm256_loadu_ps(x), vinv);
+    s = _mm256_blendv_ps(s, _mm256_setzero_ps(), _mm256_cmp_ps(s, s, _CMP_UNORD_Q));
+    return _mm256_min_ps(_mm256_max_ps(s, _mm256_set1_ps(-1.0f)), _mm256_set1_ps(1.0f));
+}
+
+/* 8 int32 codes of 0..255 in each of four registers -> 32 bytes in order */
+LW_AVX2 static inline void store_bytes32(__m256i r0, __m256i r1, __m256i r2, __m256i r3,
+                                         uint8_t *out)
+{
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    __m256i a = _mm256_packus_epi32(r0, r1);
+    __m256i b = _mm256_packus_epi32(r2, r3);
+    __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(a, b), order);
+    _mm256_storeu_si256((__m256i *)out, bytes);
+}
+
 /* 4-bit codes of v[0..len) (len a multiple of 32) into codes[] (one per byte).
  * rank = #{thresholds < s} by a branch-free binary search over the 16 padded
  * thresholds, then code = rank_to_code[rank]. */
@@ -76,17 +95,13 @@ LW_AVX2 size_t lw_codes4_avx2(const float *v, size_t len, float inv, const float
     const __m256 t_lo = _mm256_loadu_ps(thr), t_hi = _mm256_loadu_ps(thr + 8);
     const __m256i c_lo = _mm256_loadu_si256((const __m256i *)r2c);
     const __m256i c_hi = _mm256_loadu_si256((const __m256i *)(r2c + 8));
-    const __m256 vinv = _mm256_set1_ps(inv), one = _mm256_set1_ps(1.0f);
-    const __m256 minus_one = _mm256_set1_ps(-1.0f), zero = _mm256_setzero_ps();
+    const __m256 vinv = _mm256_set1_ps(inv);
     const __m256 t7 = _mm256_set1_ps(thr[7]);
-    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     size_t i = 0;
     for (; i + 32 <= len; i += 32) {
         __m256i ranks[4];
         for (int q = 0; q < 4; q++) {
-            __m256 s = _mm256_mul_ps(_mm256_loadu_ps(v + i + 8 * q), vinv);
-            s = _mm256_blendv_ps(s, zero, _mm256_cmp_ps(s, s, _CMP_UNORD_Q));
-            s = _mm256_min_ps(_mm256_max_ps(s, minus_one), one);
+            __m256 s = scale_clamp8(v + i + 8 * q, vinv);
             __m256i r = _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(s, t7, _CMP_GT_OQ)),
                                          _mm256_set1_epi32(8));
             for (int step = 4; step >= 1; step >>= 1) {
@@ -97,10 +112,33 @@ LW_AVX2 size_t lw_codes4_avx2(const float *v, size_t len, float inv, const float
             }
             ranks[q] = identity ? r : lookup16_epi32(c_lo, c_hi, r);
         }
-        __m256i a = _mm256_packus_epi32(ranks[0], ranks[1]);
-        __m256i b = _mm256_packus_epi32(ranks[2], ranks[3]);
-        __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(a, b), order);
-        _mm256_storeu_si256((__m256i *)(codes + i), bytes);
+        store_bytes32(ranks[0], ranks[1], ranks[2], ranks[3], codes + i);
+    }
+    return i;
+}
+
+/* 8-bit ranks of v[0..len) (a multiple of 32 is done): the bucket search of
+ * kernels.c with two gathers per 8 values. Scaled values lie in [-1, 1], so
+ * a bucket index is at most 0xbf80 and the 4-byte gather from the byte table
+ * stays inside its 65536 entries. */
+LW_AVX2 size_t lw_ranks8_avx2(const float *v, size_t len, float inv, const float *thresholds,
+                              const uint8_t *buckets, uint8_t *ranks)
+{
+    const __m256 vinv = _mm256_set1_ps(inv);
+    const __m256i low_byte = _mm256_set1_epi32(0xff);
+    size_t i = 0;
+    for (; i + 32 <= len; i += 32) {
+        __m256i r[4];
+        for (int q = 0; q < 4; q++) {
+            __m256 s = scale_clamp8(v + i + 8 * q, vinv);
+            __m256i bucket = _mm256_srli_epi32(_mm256_castps_si256(s), 16);
+            __m256i base = _mm256_and_si256(
+                _mm256_i32gather_epi32((const int *)buckets, bucket, 1), low_byte);
+            __m256 t = _mm256_i32gather_ps(thresholds, base, 4);
+            __m256i above = _mm256_castps_si256(_mm256_cmp_ps(s, t, _CMP_GT_OQ));
+            r[q] = _mm256_sub_epi32(base, above); /* above is -1 where s > t */
+        }
+        store_bytes32(r[0], r[1], r[2], r[3], ranks + i);
     }
     return i;
 }
@@ -135,5 +173,7 @@ size_t lw_codes4_avx2(const float *v, size_t len, float inv, const float *thresh
                       const uint8_t *rank_to_code, uint8_t *codes) { return 0; }
 size_t lw_dequant4_f32_avx2(const uint8_t *codes, size_t len, const float *table, float *out)
 { return 0; }
+size_t lw_ranks8_avx2(const float *v, size_t len, float inv, const float *thresholds,
+                      const uint8_t *buckets, uint8_t *ranks) { return 0; }
 
 #endif

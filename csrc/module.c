@@ -94,7 +94,9 @@ static PyObject *native_quantize(PyObject *self, PyObject *args)
         || check_len(&codes, "codes", ncodes)
         || check_len(&absmax, "absmax", nblocks * sizeof(float)))
         goto done;
-    lw_code_tables tables = {bits, thresholds.buf, rank_to_code.buf, buckets.buf};
+    lw_code_tables tables = {bits, thresholds.buf, rank_to_code.buf, buckets.buf, 1};
+    for (int r = 0; r < (1 << bits); r++)
+        tables.identity &= ((const uint8_t *)rank_to_code.buf)[r] == r;
     int64_t nonfinite;
     Py_BEGIN_ALLOW_THREADS
     nonfinite = lw_quantize(src.buf, src_dtype, (size_t)n, (size_t)block, &tables,

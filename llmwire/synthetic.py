@@ -14,7 +14,7 @@ import numpy as np
 from .errors import LlmwireError
 from .tensors import torch_module
 
-__all__ = ["llama_shapes", "llama_state_dict", "parse_size"]
+__all__ = ["DISTRIBUTIONS", "llama_shapes", "llama_state_dict", "parse_size"]
 
 _WIDTHS = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 2560, 3072, 4096, 5120, 8192)
 
@@ -52,10 +52,19 @@ def llama_shapes(params: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+DISTRIBUTIONS = ("normal", "student-t")
+
+
 def llama_state_dict(params: int, *, dtype: str = "float32", seed: int = 0,
-                     container: str = "torch") -> dict[str, Any]:
+                     container: str = "torch", distribution: str = "normal") -> dict[str, Any]:
     """A state dict of about ``params`` parameters (torch tensors by default,
-    NumPy arrays with ``container="numpy"``; NumPy supports float32/float16)."""
+    NumPy arrays with ``container="numpy"``; NumPy supports float32/float16).
+
+    ``distribution="student-t"`` draws the matrices from a Student-t with 3
+    degrees of freedom (same scale): heavy tails, as in trained LLM weights
+    with outliers, which is where block formats lose most."""
+    if distribution not in DISTRIBUTIONS:
+        raise LlmwireError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
     torch = torch_module() if container == "torch" else None
     if container == "torch" and torch is None:
         container = "numpy"
@@ -67,18 +76,30 @@ def llama_state_dict(params: int, *, dtype: str = "float32", seed: int = 0,
         for name, shape in shapes.items():
             if len(shape) == 1:
                 t = 1.0 + 0.02 * torch.randn(shape, generator=generator)
-            else:
+            elif distribution == "normal":
                 t = torch.randn(shape, generator=generator).mul_(0.02)
+            else:
+                t = _student_t(torch, shape, generator).mul_(0.02)
             out[name] = t.to(tdtype)
         return out
     rng = np.random.default_rng(seed)
     for name, shape in shapes.items():
         base = 1.0 if len(shape) == 1 else 0.0
-        a = rng.standard_normal(shape, dtype=np.float32)
+        if distribution == "student-t" and len(shape) > 1:
+            a = rng.standard_t(3, size=shape).astype(np.float32)
+        else:
+            a = rng.standard_normal(shape, dtype=np.float32)
         a *= np.float32(0.02)
         a += np.float32(base)
         out[name] = a.astype(dtype)
     return out
+
+
+def _student_t(torch: Any, shape: tuple[int, ...], generator: Any) -> Any:
+    """Student-t (3 degrees of freedom) as normal / sqrt(chi2_3 / 3)."""
+    normal = torch.randn(shape, generator=generator)
+    chi2 = torch.randn((3, *shape), generator=generator).square_().sum(0)
+    return normal.div_(chi2.div_(3).sqrt_())
 
 
 _SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9,

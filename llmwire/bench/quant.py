@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .. import quant
-from ..synthetic import llama_state_dict, parse_size
+from ..synthetic import DISTRIBUTIONS, llama_state_dict, parse_size
 from ..tensors import torch_module
 from ._timing import format_table, median_seconds
 
@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "append '+nested' for nested absmax, e.g. nf4+nested")
     parser.add_argument("--repeat", type=int, default=5,
                         help="timed runs per figure; the median is reported (default: 5)")
+    parser.add_argument("--weights", choices=DISTRIBUTIONS, default="normal",
+                        help="weight distribution of the synthetic model (default: normal; "
+                             "student-t has heavy tails)")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
 
 
@@ -93,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     if torch_module() is None:
         print("llmwire bench quant: needs torch (pip install torch==2.13.0)", file=sys.stderr)
         return 2
-    state = llama_state_dict(args.params)
+    state = llama_state_dict(args.params, distribution=args.weights)
     params = sum(t.numel() for t in state.values())
     results = []
     for fmt, nested in formats:
@@ -104,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results))
         return 0
-    print(f"synthetic Llama state dict: {params / 1e6:.1f}M params, "
+    print(f"synthetic Llama state dict ({args.weights} weights): {params / 1e6:.1f}M params, "
           f"{params * 4 / 2**20:.0f} MiB fp32; median of {args.repeat} runs; "
           f"kernels: {quant.IMPLEMENTATION}")
     rows = [[r["format"], f"{r['ratio'] * 100:.2f}%", f"{r['quant_gbps']:.2f}",

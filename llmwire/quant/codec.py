@@ -43,6 +43,7 @@ __all__ = [
     "dequantize",
     "quantize_state_dict",
     "dequantize_state_dict",
+    "MIN_ELEMENTS",
     "encode_slice_into",
     "decode_slice",
     "iter_slices",
@@ -150,22 +151,22 @@ def make_spec(dtype: str, shape: tuple[int, ...], fmt: str, *, block_size: int |
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise QuantizationError(f"unsupported dtype {dtype!r}")
     format_ = get_format(fmt)
+    # options are checked against the format first, so a mistake is reported
+    # even when this particular tensor would pass through raw
+    if format_.kind != "block" and (nested or block_size):
+        raise QuantizationError(f"{format_.name!r} takes no block_size or nested option "
+                                "(they apply to blockwise8, fp4 and nf4)")
+    block = format_.default_block_size if block_size is None else block_size
+    if format_.kind == "block" and block not in BLOCK_SIZES:
+        raise QuantizationError(f"block_size must be one of {BLOCK_SIZES}, got {block!r}")
     if format_.kind == "raw" or not DTYPES[dtype].is_float:
-        if nested or block_size:
-            if format_.kind == "raw":
-                raise QuantizationError("block_size and nested apply to block formats only")
         return TensorSpec("raw", dtype, tuple(shape))
     if dtype not in FLOAT_DTYPES:
         raise QuantizationError(
             f"format {format_.name!r} does not take {dtype} tensors "
             f"(supported: {', '.join(FLOAT_DTYPES)}; use 'raw' to send them as they are)")
     if format_.kind == "cast":
-        if nested or block_size:
-            raise QuantizationError(f"{format_.name} is a cast: no block_size or nested")
         return TensorSpec(format_.name, dtype, tuple(shape))
-    block = format_.default_block_size if block_size is None else block_size
-    if block not in BLOCK_SIZES:
-        raise QuantizationError(f"block_size must be one of {BLOCK_SIZES}, got {block!r}")
     return TensorSpec(format_.name, dtype, tuple(shape), block, bool(nested))
 
 
@@ -218,6 +219,16 @@ class QuantizedTensor:
     def nbytes(self) -> int:
         return len(self._header) + sum(part.nbytes for part in self.parts.values())
 
+    def absmax(self) -> np.ndarray:
+        """The float32 scale of every block (restored, for nested), e.g. to
+        build a bitsandbytes ``QuantState``; block formats only."""
+        if not self.spec.block_size:
+            raise QuantizationError(f"format {self.spec.format!r} has no absmax")
+        if self.spec.nested:
+            return _restore_absmax(self.parts["absmax_codes"], self.parts["absmax_scale"],
+                                   self.parts["absmax_offset"])
+        return self.parts["absmax"]
+
     def buffers(self) -> list[memoryview]:
         """The parts in wire order, as flat byte views (no copies)."""
         return [memoryview(part).cast("B") for part in self.parts.values()]
@@ -237,7 +248,10 @@ class QuantizedTensor:
             raise QuantizationError(f"expected {len(layout)} part buffers, got {len(buffers)}")
         parts = {}
         for (name, dtype, length), buffer in zip(layout, buffers):
-            raw = np.frombuffer(buffer, dtype=np.uint8)
+            try:
+                raw = np.frombuffer(buffer, dtype=np.uint8)
+            except (TypeError, ValueError) as exc:
+                raise QuantizationError(f"part {name!r} is not a buffer: {exc}") from None
             if raw.size != length * dtype.itemsize:
                 raise QuantizationError(
                     f"part {name!r} holds {raw.size} bytes, expected {length * dtype.itemsize}")
@@ -262,6 +276,15 @@ def _as_kernel_input(src: np.ndarray, dtype: str) -> np.ndarray:
     return src
 
 
+def _check_outputs(arrays: Sequence[np.ndarray], what: str) -> None:
+    """Kernels write straight into these: a copy would silently lose the
+    result, so anything but a writable contiguous array is refused."""
+    for array in arrays:
+        if not isinstance(array, np.ndarray) or not array.flags.c_contiguous \
+                or not array.flags.writeable:
+            raise QuantizationError(f"{what} must be writable C-contiguous NumPy arrays")
+
+
 def encode_slice_into(spec: TensorSpec, src: np.ndarray, parts: Sequence[np.ndarray]) -> int:
     """Encode the 1-D contiguous elements ``src`` (held as ``spec.dtype``)
     into the part views ``parts`` (laid out by ``spec.part_layout(src.size)``).
@@ -271,6 +294,7 @@ def encode_slice_into(spec: TensorSpec, src: np.ndarray, parts: Sequence[np.ndar
     """
     fmt = get_format(spec.format)
     src = _as_kernel_input(src, spec.dtype)
+    _check_outputs(parts, "parts")
     if fmt.kind == "raw":
         parts[0][...] = src.view(np.uint8)
         return 0
@@ -313,6 +337,7 @@ def decode_slice(spec: TensorSpec, parts: Sequence[np.ndarray], out: np.ndarray)
     """Restore the elements encoded in ``parts`` into the 1-D contiguous
     ``out`` (held as ``spec.dtype``; its length is the slice's count)."""
     fmt = get_format(spec.format)
+    _check_outputs([out], "out")
     count = out.size
     out = _as_kernel_input(out, spec.dtype)
     if fmt.kind == "raw":
@@ -417,19 +442,34 @@ def quantize(tensor: Any, fmt: str, *, block_size: int | None = None, nested: bo
     return QuantizedTensor(spec, parts, found, view.container)
 
 
+#: quantize_state_dict sends tensors with fewer elements than this as they
+#: are: norms and biases are tiny, sensitive, and gain nothing worth the error.
+MIN_ELEMENTS = 4096
+
+
 def quantize_state_dict(state_dict: Mapping[str, Any], fmt: str, *,
                         block_size: int | None = None, nested: bool = False,
-                        nonfinite: str = "saturate") -> dict[str, QuantizedTensor]:
+                        nonfinite: str = "saturate",
+                        min_elements: int = MIN_ELEMENTS) -> dict[str, QuantizedTensor]:
     """:func:`quantize` every tensor of a state dict, keeping its order.
 
-    All tensors' pieces go to the thread pool at once, so small tensors do
-    not each pay a thread hand-off. Same arguments and errors as
+    Tensors with fewer than ``min_elements`` elements (norm weights, biases)
+    are kept as they are (``raw``); pass 0 to quantize everything. All
+    tensors' pieces go to the thread pool at once, so small tensors do not
+    each pay a thread hand-off. Same arguments and errors as
     :func:`quantize`; with ``nonfinite="raise"`` the error names the first
     tensor holding NaN/±inf.
     """
     _check_policy(nonfinite)
-    plans = {name: _encode_plan(t, fmt, block_size, nested, PARALLEL_MIN_ELEMENTS)
-             for name, t in state_dict.items()}
+    if not isinstance(min_elements, int) or min_elements < 0:
+        raise QuantizationError(f"min_elements must be a non-negative int, got {min_elements!r}")
+
+    def plan(tensor: Any) -> Any:
+        small = view_tensor(tensor).numel < min_elements
+        return _encode_plan(tensor, "raw" if small else fmt, None if small else block_size,
+                            False if small else nested, PARALLEL_MIN_ELEMENTS)
+
+    plans = {name: plan(t) for name, t in state_dict.items()}
     flat = [(name, task) for name, plan in plans.items() for task in plan[3]]
     counts = _run_pooled([task for _, task in flat])
     found: dict[str, int] = dict.fromkeys(plans, 0)
@@ -450,10 +490,11 @@ def _decode_plan(q: Any, out: Any, container: str | None, item: int | None
     spec = q.spec
     if out is not None:
         target: TensorView = view_tensor(out)
-        if target.shape != spec.shape or target.dtype != spec.dtype or target.flat is None:
+        if (target.shape != spec.shape or target.dtype != spec.dtype or target.flat is None
+                or not target.array.flags.writeable):
             raise QuantizationError(
-                f"out must be a contiguous {spec.dtype} tensor of shape {spec.shape}, "
-                f"got {target.dtype} {target.shape}")
+                f"out must be a writable contiguous {spec.dtype} tensor of shape "
+                f"{spec.shape}, got {target.dtype} {target.shape}")
         result, flat = out, target.flat
     else:
         result, flat = empty_like_spec(spec.shape, spec.dtype, container or q.container)

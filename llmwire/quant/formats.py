@@ -74,10 +74,12 @@ DYNAMIC8_CODE: np.ndarray = np.array(_DYNAMIC8_BITS, dtype=np.uint32).view(np.fl
 DYNAMIC8_CODE.setflags(write=False)
 
 # bitsandbytes' FP4 table (1 sign bit, 2 exponent bits, 1 mantissa bit, scaled
-# so the largest magnitude is 1), indexed by the stored nibble.
+# so the largest magnitude is 1), indexed by the stored nibble. Nibble 1000
+# ("negative zero") restores as +0.0, as in bitsandbytes' published table;
+# llmwire never writes it (zero is stored as 0000).
 FP4_CODE: np.ndarray = np.array(
     [0.0, 0.0052083333, 0.6666667, 1.0, 0.33333333, 0.5, 0.16666667, 0.25,
-     -0.0, -0.0052083333, -0.6666667, -1.0, -0.33333333, -0.5, -0.16666667, -0.25],
+     0.0, -0.0052083333, -0.6666667, -1.0, -0.33333333, -0.5, -0.16666667, -0.25],
     dtype=np.float32,
 )
 FP4_CODE.setflags(write=False)
@@ -150,8 +152,7 @@ def _block_format(name: str, code: np.ndarray, block_size: int) -> Format:
     thresholds[: len(mids64)] = mids64.astype(np.float32)
     rank_to_code = np.zeros(2**bits, dtype=np.uint8)
     for rank, level in enumerate(levels):
-        matches = np.flatnonzero((code == level) & ~np.signbit(code) if level == 0 else code == level)
-        rank_to_code[rank] = matches[0]
+        rank_to_code[rank] = np.flatnonzero(code == level)[0]  # zero: the first, +0 code
     for array in (levels, thresholds, rank_to_code):
         array.setflags(write=False)
     return Format(name, "block", bits, block_size, code, levels, thresholds, rank_to_code)

@@ -22,6 +22,9 @@ The rules, in one place:
   Each element is scaled ``s = x * inv`` (one float32 rounding); a NaN ``s``
   becomes 0, then ``s`` is clamped to [-1, 1]. The stored code is that of the
   nearest level: ``rank = #{thresholds < s}``, ``code = rank_to_code[rank]``.
+  A block whose absmax is subnormal (below 2**-126, where ``1 / absmax``
+  would overflow) is first multiplied by 2**32 (exact), values and absmax
+  alike; the stored absmax is the unscaled one.
   So ±inf saturates to the extreme levels (±absmax once restored), NaN
   restores as 0, and the number of non-finite inputs is reported so callers
   can refuse them.
@@ -126,7 +129,10 @@ def from_float32(x: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def cast(x: np.ndarray, src_dtype: str, dst_dtype: str) -> np.ndarray:
-    """Convert between float32, float16 and bfloat16 by the rules above."""
+    """Convert between float32, float16 and bfloat16 by the rules above; a
+    cast to the same dtype copies the bits (signalling NaNs included)."""
+    if src_dtype == dst_dtype:
+        return np.array(x, copy=True)
     return from_float32(to_float32(x, src_dtype), dst_dtype)
 
 
@@ -167,8 +173,13 @@ def quantize_blocks(x: np.ndarray, dtype: str, fmt: Format, block_size: int
     nonfinite = int(finite.size - np.count_nonzero(finite))  # padding is finite
     absmax = np.where(finite, magnitude, np.float32(0)).max(axis=1, initial=np.float32(0))
     absmax = absmax.astype(np.float32)
+    # subnormal absmax: scale the block by 2**32 (exact) so 1/absmax is finite
+    tiny = (absmax > 0) & (absmax < np.float32(2.0**-126))
+    boost = np.where(tiny, np.float32(2.0**32), np.float32(1))
+    divisor = absmax * boost
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-        inv = np.where(absmax > 0, np.float32(1) / np.where(absmax > 0, absmax, 1), 0)
+        blocks = blocks * boost[:, None]
+        inv = np.where(divisor > 0, np.float32(1) / np.where(divisor > 0, divisor, 1), 0)
         scaled = blocks * inv.astype(np.float32)[:, None]
     scaled = np.where(np.isnan(scaled), np.float32(0), scaled)
     scaled = np.clip(scaled, np.float32(-1), np.float32(1)).ravel()[:count]

@@ -1,0 +1,75 @@
+"""The command line, run in-process through ``main(argv)`` and once as a real
+subprocess (the installed entry point's module)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import llmwire
+from llmwire.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, main
+
+
+def test_version_names_kernels(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert llmwire.__version__ in out and llmwire.IMPLEMENTATION in out
+
+
+def test_info_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "--json"]) == EXIT_OK
+    info = json.loads(capsys.readouterr().out)
+    assert info["implementation"] == llmwire.IMPLEMENTATION
+    assert set(info["formats"]) == {"fp16", "bf16", "blockwise8", "fp4", "nf4"}
+
+
+def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == EXIT_USAGE
+    assert "demo" in capsys.readouterr().out
+
+
+def test_demo_json_small(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--params", "200k", "--formats", "fp32,nf4,nf4+nested,bf16",
+                 "--json"]) == EXIT_OK
+    rows = {r["format"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["fp32"]["max_abs_err"] == 0
+    assert rows["nf4+nested"]["wire_bytes"] < rows["nf4"]["wire_bytes"] < rows["bf16"]["wire_bytes"]
+    assert 0.12 < rows["nf4"]["ratio"] < 0.20  # small tensors stay raw, headers count
+
+
+def test_bad_format_is_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--params", "100k", "--formats", "nf5"]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nf5" in err and "Traceback" not in err
+
+
+def test_bad_size_is_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--params", "lots"])
+    assert exc.value.code == EXIT_USAGE
+    assert "lots" in capsys.readouterr().err
+
+
+def test_bench_quant_json_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "quant", "--params", "300k", "--formats", "nf4,blockwise8,fp16",
+                 "--repeat", "1", "--json"]) == EXIT_OK
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["format"] for r in rows] == ["nf4", "blockwise8", "fp16"]
+    for row in rows:
+        assert {"format", "ratio", "quant_gbps", "dequant_gbps", "max_abs_err", "rel_mae",
+                "implementation"} <= set(row)
+        assert row["quant_gbps"] > 0 and row["dequant_gbps"] > 0
+        assert row["implementation"] == llmwire.IMPLEMENTATION
+    assert "torch_gbps" in rows[2]
+
+
+def test_module_entry_point_subprocess() -> None:
+    proc = subprocess.run([sys.executable, "-m", "llmwire", "info"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"llmwire {llmwire.__version__}")
