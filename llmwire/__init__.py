@@ -13,6 +13,17 @@ from .errors import (
     QuantizationError,
     RemoteProtocolError,
 )
+from .errors import (  # wire protocol errors
+    AuthenticationError, BadPreface, ChecksumMismatch, ConnectionClosed, ConnectionLost,
+    FlowControlError, FrameError, FrameTooLarge, HandshakeError, IntegrityError,
+    MalformedFrame, PeerError, PeerTimeout, StreamCancelled, StreamClosedError,
+    StreamError, StreamTimeout, UnknownFrameType, VersionMismatch,
+)
+from .protocol import Settings
+from .transport import (
+    Message, RecvStream, SendStream, Server, Transport, connect, connect_unix,
+    memory_pair, run, serve, serve_unix,
+)
 
 __all__ = [
     "__version__",
@@ -22,4 +33,11 @@ __all__ = [
     "ProtocolError",
     "QuantizationError",
     "RemoteProtocolError",
+    # wire: errors, settings, transports
+    "AuthenticationError", "BadPreface", "ChecksumMismatch", "ConnectionClosed",
+    "ConnectionLost", "FlowControlError", "FrameError", "FrameTooLarge", "HandshakeError",
+    "IntegrityError", "MalformedFrame", "PeerError", "PeerTimeout", "StreamCancelled",
+    "StreamClosedError", "StreamError", "StreamTimeout", "UnknownFrameType",
+    "VersionMismatch", "Settings", "Message", "RecvStream", "SendStream", "Server",
+    "Transport", "connect", "connect_unix", "memory_pair", "run", "serve", "serve_unix",
 ]
