@@ -96,9 +96,9 @@ class RecvStream(abc.ABC):
             parts += chunk
 
     def __aiter__(self) -> AsyncIterator[memoryview | bytes]:
-        return self._chunks()
+        return self._iter_chunks()
 
-    async def _chunks(self) -> AsyncIterator[memoryview | bytes]:
+    async def _iter_chunks(self) -> AsyncIterator[memoryview | bytes]:
         while True:
             chunk = await self.read()
             if not chunk:

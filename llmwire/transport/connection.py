@@ -196,7 +196,9 @@ class WireTransport(Transport, asyncio.BufferedProtocol):
         self._transport = transport  # type: ignore[assignment]
         # Pause as soon as anything is queued in user space: send() then waits
         # until the transport holds no reference to the caller's buffer.
-        transport.set_write_buffer_limits(high=0, low=0)
+        # (TLS transports pause at size >= high, plain ones at size > high.)
+        tls = transport.get_extra_info("sslcontext") is not None
+        transport.set_write_buffer_limits(high=1 if tls else 0, low=0)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             try:
