@@ -17,6 +17,7 @@ import enum
 import hashlib
 import hmac
 import secrets
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Union
 
@@ -305,6 +306,11 @@ class Connection:
         self._payload_view: memoryview | None = None
         self._payload_header: fr.FrameHeader | None = None
         self._filled = 0
+        self._expect_large = False
+        # Payload buffers are reused once the consumer has dropped every view
+        # of them: fresh 1 MiB buffers cost page faults on every frame.
+        self._pool: list[bytearray] = []
+        self._pool_cap = 2 + self.settings.connection_window // self.settings.max_frame_payload
         self._out.append(self._preface)
 
     # ------------------------------------------------------------ public: output
@@ -350,6 +356,12 @@ class Connection:
             n = self._end - self._start
             self._scratch[:n] = self._scratch[self._start:self._end]
             self._start, self._end = 0, n
+        if self._expect_large:
+            # After a large frame another is likely: read just its header, so
+            # that its payload goes straight into its own buffer.
+            want = fr.HEADER_SIZE - (self._end - self._start)
+            if want > 0:
+                return self._scratch_view[self._end:self._end + want]
         return self._scratch_view[self._end:]
 
     def buffer_updated(self, nbytes: int, now: float | None = None) -> None:
@@ -365,11 +377,12 @@ class Connection:
                 self._filled += nbytes
                 if self._filled == len(self._payload_view):
                     header = self._payload_header
-                    payload = self._payload
+                    payload = self._payload_view
                     self._payload = self._payload_view = self._payload_header = None
                     self._filled = 0
-                    assert header is not None and payload is not None
+                    assert header is not None
                     self._handle_frame(header, payload)
+                    del payload
                 return
             self._end += nbytes
             self._parse()
@@ -704,6 +717,7 @@ class Connection:
             self._check_header(header)
             total = fr.HEADER_SIZE + header.length
             if avail >= total:
+                self._expect_large = False
                 lo = self._start + fr.HEADER_SIZE
                 payload = bytes(buf[lo:lo + header.length])
                 self._start += total
@@ -713,16 +727,31 @@ class Connection:
                 continue
             if header.length >= _DIRECT_PAYLOAD:
                 # Limits were checked above: allocating is now safe.
-                payload_buf = bytearray(header.length)
+                payload_buf = self._payload_buffer(header.length)
+                view = memoryview(payload_buf)[:header.length]
                 have = avail - fr.HEADER_SIZE
                 lo = self._start + fr.HEADER_SIZE
-                payload_buf[:have] = buf[lo:self._end]
+                view[:have] = buf[lo:self._end]
                 self._start = self._end = 0
+                self._expect_large = True
                 self._payload = payload_buf
-                self._payload_view = memoryview(payload_buf)
+                self._payload_view = view
                 self._payload_header = header
                 self._filled = have
             return
+
+    def _payload_buffer(self, length: int) -> bytearray:
+        size = self.settings.max_frame_payload
+        pool = self._pool
+        for i in range(len(pool)):
+            # 2 references: the pool's and getrefcount's argument. Anything
+            # more is a consumer still holding a view: leave that one alone.
+            if sys.getrefcount(pool[i]) == 2:
+                return pool[i]
+        buf = bytearray(size)
+        if len(pool) < self._pool_cap:
+            pool.append(buf)
+        return buf
 
     def _check_header(self, h: fr.FrameHeader) -> None:
         """Checks that need no payload: state, ids and flow control."""
