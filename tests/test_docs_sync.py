@@ -21,3 +21,15 @@ def test_error_table_names_every_wire_error():
     for name in errors.__all__:
         if name not in ("QuantizationError", "NonFiniteError"):
             assert f"`{name}`" in table, name
+
+
+def test_transport_guide_example_runs(capsys):
+    import re
+
+    text = (ROOT / "docs" / "transport.md").read_text()
+    (code,) = [c for c in re.findall(r"```python\n(.*?)```", text, re.S) if "async def main" in c]
+    code = code.replace("llmwire.run(main())",
+                        "llmwire.run(asyncio.wait_for(main(), 15))")
+    exec(compile(code, "docs/transport.md", "exec"), {"__name__": "example"})
+    out = capsys.readouterr().out
+    assert out.count("'ack': 12000") == 4
