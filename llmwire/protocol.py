@@ -324,6 +324,11 @@ class Connection:
         out, self._out = self._out, []
         return out
 
+    @property
+    def has_output(self) -> bool:
+        """Whether events or bytes are waiting to be collected."""
+        return bool(self._events) or bool(self._out)
+
     def events_received(self) -> list[Event]:
         """Return (and forget) the events produced so far."""
         ev, self._events = self._events, []

@@ -225,7 +225,8 @@ class WireTransport(Transport, asyncio.BufferedProtocol):
             self._process()
             self._fatal(exc)
             return
-        self._process()
+        if self._conn.has_output:  # most reads land mid-payload: nothing to do
+            self._process()
 
     def eof_received(self) -> bool | None:
         try:
