@@ -538,3 +538,42 @@ def test_any_split_of_the_byte_stream_gives_the_same_events(sizes):
         pos, i = pos + n, i + 1
     ev = p.b.events_received()
     assert data_of(ev, sid) == body and isinstance(ev[-1], E.StreamEnded)
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 255)), min_size=1, max_size=4))
+def test_fuzz_bit_flips_in_a_valid_stream(flips):
+    p = Pair()
+    s1, s2 = p.a.open_stream({"a": 1}), p.a.open_stream({"b": [1, 2]}, offset=9)
+    p.a.send_data(s1, b"x" * 3000)
+    p.a.send_data(s2, b"y" * 20_000)
+    p.a.end_stream(s1)
+    p.a.ping()
+    p.a.cancel_stream(s2, ErrorCode.CANCEL, "bye")
+    raw = bytearray(b"".join(bytes(b) for b in p.a.data_to_send()))
+    for pos, mask in flips:
+        raw[pos % len(raw)] ^= mask
+    try:
+        p.b.receive_data(bytes(raw))
+    except LlmwireError:
+        assert p.b.state is ConnectionState.ERROR
+    for e in p.b.events_received():
+        if isinstance(e, E.StreamFailed):
+            assert isinstance(e.error, LlmwireError)
+
+
+def test_huge_declared_length_allocates_nothing_in_the_connection(pair):
+    import tracemalloc
+
+    sid = pair.a.open_stream({})
+    pair.pump()
+    header = bytes([FrameType.DATA, 0, 0, 0]) + sid.to_bytes(4, "big") + \
+        (2**32 - 1).to_bytes(4, "big") + b"\0" * 8
+    tracemalloc.start()
+    try:
+        with pytest.raises(FrameTooLarge):
+            pair.b.receive_data(header)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 256 * 1024
