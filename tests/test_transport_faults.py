@@ -336,3 +336,43 @@ def test_32_concurrent_clients():
         finally:
             await srv.close()
     arun(main(), timeout=30)
+
+
+def test_memory_pair_wrong_secret():
+    from llmwire import memory_pair
+
+    async def main():
+        with pytest.raises(AuthenticationError):
+            await memory_pair(b"one", server_secret=b"two")
+    arun(main())
+
+
+def test_connection_error_fails_pending_stream_ops():
+    """A pending read on one stream sees ConnectionClosed with the cause."""
+    async def main():
+        rec_streams = []
+
+        async def handler(t):
+            rec_streams.append(await t.accept_stream())
+            await t.wait_closed()
+
+        srv = await serve(handler, "127.0.0.1", 0, secret=SECRET)
+        try:
+            peer = EvilPeer()
+            await peer.connect(srv.port)
+            peer.conn.open_stream({})
+            peer._flush()
+            for _ in range(100):
+                if rec_streams:
+                    break
+                await asyncio.sleep(0.01)
+            reader = asyncio.ensure_future(rec_streams[0].read())
+            await asyncio.sleep(0.02)
+            peer.write(bytes([0x42]) + b"\0" * 19)  # unknown frame type
+            with pytest.raises(ConnectionClosed) as info:
+                await asyncio.wait_for(reader, 5)
+            assert isinstance(info.value.cause, UnknownFrameType)
+            peer.writer.close()
+        finally:
+            await srv.close()
+    arun(main())
