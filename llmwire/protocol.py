@@ -79,6 +79,8 @@ _AUTH_LABEL = b"llmwire-auth"
 # their own buffer (no copy out of the scratch buffer).
 _DIRECT_PAYLOAD = 16 * 1024
 _SCRATCH_SIZE = 256 * 1024
+# Credit goes back once 1/_GRANT_DIVISOR of a window has been consumed.
+_GRANT_DIVISOR = 2
 
 
 class Role(enum.Enum):
@@ -561,7 +563,7 @@ class Connection:
         """The consumer has taken ``nbytes`` of ``stream_id``: grant credit back.
 
         Credit is returned as data is consumed, not as it arrives, so a slow
-        consumer slows the sender down. Grants are batched (a quarter window).
+        consumer slows the sender down. Grants are batched (half a window).
         """
         if nbytes <= 0 or self.state not in (ConnectionState.OPEN, ConnectionState.CLOSING):
             return
@@ -569,9 +571,9 @@ class Connection:
         st = self._streams.get(stream_id)
         if st is not None and st.side is _R and st.state is StreamState.OPEN:
             st.unacked += nbytes
-            if st.unacked >= self.settings.stream_window // 4:
+            if st.unacked >= self.settings.stream_window // _GRANT_DIVISOR:
                 self._grant(st)
-        if self._conn_unacked >= self.settings.connection_window // 4:
+        if self._conn_unacked >= self.settings.connection_window // _GRANT_DIVISOR:
             self._grant_connection()
 
     def ping(self, payload: bytes = b"\0" * 8) -> None:
@@ -959,7 +961,7 @@ class Connection:
             self._events.append(DataReceived(sid, memoryview(payload)))
 
     def _maybe_grant_connection(self) -> None:
-        if self._conn_unacked >= self.settings.connection_window // 4:
+        if self._conn_unacked >= self.settings.connection_window // _GRANT_DIVISOR:
             self._grant_connection()
 
     def _on_end(self, sid: int, payload: Buffer) -> None:

@@ -69,13 +69,18 @@ class WireSendStream(SendStream):
         while len(mv):
             self._check()
             owner._check_usable()
-            n = conn.send_credit(sid)
-            if n <= 0:
+            credit = conn.send_credit(sid)
+            if credit <= 0:
                 await owner._wait_change()
                 continue
-            n = min(n, len(mv), conn.max_send_frame)
-            conn.send_data(sid, mv[:n])
-            mv = mv[n:]
+            # Queue every frame the credit allows, then write them with one
+            # writelines (one writev on uvloop) instead of one per frame.
+            max_frame = conn.max_send_frame
+            while credit > 0 and len(mv):
+                n = min(credit, len(mv), max_frame)
+                conn.send_data(sid, mv[:n])
+                mv = mv[n:]
+                credit -= n
             owner._flush()
             if owner._write_paused:
                 await owner._drain()
