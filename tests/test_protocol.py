@@ -577,3 +577,29 @@ def test_huge_declared_length_allocates_nothing_in_the_connection(pair):
     finally:
         tracemalloc.stop()
     assert peak < 256 * 1024
+
+
+def test_held_chunks_are_never_overwritten_and_dropped_ones_reused(pair):
+    sid = pair.a.open_stream({})
+    pair.pump()
+    pair.b.events_received()
+    held = []
+    for k in range(12):  # more frames than the pool keeps
+        body = bytes([k]) * 100_000
+        pair.a.send_data(sid, body)
+        for b in pair.a.data_to_send():
+            pair.b.receive_data(b)
+        (ev,) = [e for e in pair.b.events_received() if isinstance(e, E.DataReceived)]
+        held.append(ev.data)
+        pair.b.consumed(sid, len(ev.data))
+        pair.pump()
+    assert [bytes(v) == bytes([k]) * 100_000 for k, v in enumerate(held)] == [True] * 12
+    pool_ids = {id(b) for b in pair.b._pool}
+    del held, ev
+    # Nothing holds a view now: the next large frame lands in a pooled buffer.
+    pair.a.send_data(sid, b"z" * 100_000)
+    for b in pair.a.data_to_send():
+        pair.b.receive_data(b)
+    (ev,) = [e for e in pair.b.events_received() if isinstance(e, E.DataReceived)]
+    assert id(ev.data.obj) in pool_ids
+    assert bytes(ev.data) == b"z" * 100_000
