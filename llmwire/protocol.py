@@ -40,7 +40,6 @@ from .errors import (
     MalformedFrame,
     PeerError,
     PeerTimeout,
-    RemoteProtocolError,
     StreamCancelled,
     StreamClosedError,
     StreamTimeout,

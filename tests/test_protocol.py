@@ -97,8 +97,14 @@ def test_after_error_everything_says_closed():
     p = Pair(b"one", b"two", handshake=False)
     with pytest.raises(AuthenticationError):
         p.pump()
+    failed = p.a if p.a.state is ConnectionState.ERROR else p.b
+    assert failed.state is ConnectionState.ERROR
+    with pytest.raises(ConnectionClosed) as info:
+        failed.receive_data(b"x")
+    assert isinstance(info.value.cause, AuthenticationError)
     with pytest.raises(ConnectionClosed):
-        p.a.receive_data(b"x") if p.a.state is ConnectionState.ERROR else p.b.receive_data(b"x")
+        failed.ping()
+    assert failed.get_timer() is None
 
 
 def test_version_mismatch_on_both_sides():

@@ -21,7 +21,6 @@ from llmwire import (
     PeerError,
     PeerTimeout,
     Settings,
-    StreamClosedError,
     UnknownFrameType,
     VersionMismatch,
     connect,
