@@ -6,10 +6,15 @@ Frozen, slotted dataclasses; the asyncio layer turns them into wake-ups.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NewType
+
+#: A stream id: odd when the client opened it, even when the server did.
+StreamId = NewType("StreamId", int)
+#: A byte offset carried by OPEN (where a resumed stream's bytes belong).
+Offset = NewType("Offset", int)
 
 __all__ = [
-    "Event", "HandshakeComplete", "StreamOpened", "DataReceived", "StreamEnded",
+    "StreamId", "Offset", "Event", "HandshakeComplete", "StreamOpened", "DataReceived", "StreamEnded",
     "StreamFailed", "CreditAvailable", "PingAcknowledged", "GoAwayReceived",
 ]
 
@@ -32,16 +37,16 @@ class HandshakeComplete(Event):
 class StreamOpened(Event):
     """The peer opened stream ``stream_id`` with ``header`` starting at ``offset``."""
 
-    stream_id: int
+    stream_id: StreamId
     header: dict[Any, Any]
-    offset: int
+    offset: Offset
 
 
 @dataclass(frozen=True, slots=True)
 class DataReceived(Event):
     """Bytes arrived on a stream. Call ``Connection.consumed`` once they are used."""
 
-    stream_id: int
+    stream_id: StreamId
     data: memoryview
 
 
@@ -49,7 +54,7 @@ class DataReceived(Event):
 class StreamEnded(Event):
     """The peer ended the stream; length and digest were verified."""
 
-    stream_id: int
+    stream_id: StreamId
     length: int
     digest: bytes
 
@@ -58,7 +63,7 @@ class StreamEnded(Event):
 class StreamFailed(Event):
     """A stream (ours or the peer's) failed; ``error`` is a StreamError."""
 
-    stream_id: int
+    stream_id: StreamId
     error: Exception
 
 
@@ -66,7 +71,7 @@ class StreamFailed(Event):
 class CreditAvailable(Event):
     """The peer granted send credit on ``stream_id`` (0: the connection)."""
 
-    stream_id: int
+    stream_id: StreamId
     increment: int
 
 
@@ -81,6 +86,6 @@ class PingAcknowledged(Event):
 class GoAwayReceived(Event):
     """The peer will accept no stream above ``last_stream_id``."""
 
-    last_stream_id: int
+    last_stream_id: StreamId
     code: int
     reason: str

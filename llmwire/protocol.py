@@ -48,6 +48,8 @@ from .errors import (
 )
 from .events import (
     CreditAvailable,
+    Offset,
+    StreamId,
     DataReceived,
     Event,
     GoAwayReceived,
@@ -460,7 +462,8 @@ class Connection:
 
     # ------------------------------------------------------------ public: actions
 
-    def open_stream(self, header: Mapping[Any, Any] | None = None, offset: int = 0) -> int:
+    def open_stream(self, header: Mapping[Any, Any] | None = None,
+                    offset: Offset | int = 0) -> StreamId:
         """Open a send stream with a msgpack-able ``header``; return its id."""
         self._require_open()
         if self.goaway_received is not None or self.goaway_sent:
@@ -489,7 +492,7 @@ class Connection:
         self._streams[sid] = st
         self._send_streams += 1
         self._emit(FrameType.OPEN, 0, sid, fr.encode_open(offset, raw))
-        return sid
+        return StreamId(sid)
 
     def can_open_stream(self) -> bool:
         """Whether the peer's max_streams leaves room for one more stream."""
@@ -497,7 +500,7 @@ class Connection:
                 and self.goaway_received is None
                 and self._send_streams < self.peer_settings["max_streams"])
 
-    def send_credit(self, stream_id: int) -> int:
+    def send_credit(self, stream_id: StreamId | int) -> int:
         """Bytes that may be sent now on ``stream_id``: min(stream, connection credit)."""
         st = self._streams.get(stream_id)
         if st is None or st.side is not _S or st.state is not StreamState.OPEN:
@@ -509,7 +512,7 @@ class Connection:
         """Largest DATA payload the peer accepts in one frame."""
         return self.peer_settings.get("max_frame_payload", 0)
 
-    def send_data(self, stream_id: int, data: Buffer) -> None:
+    def send_data(self, stream_id: StreamId | int, data: Buffer) -> None:
         """Queue one DATA frame. ``len(data)`` must fit credit and max frame size."""
         self._require_open(closing_ok=True)
         st = self._send_stream(stream_id)
@@ -534,7 +537,7 @@ class Connection:
         self._out.append(fr.encode_header(FrameType.DATA, 0, stream_id, data))
         self._out.append(data)
 
-    def end_stream(self, stream_id: int) -> bytes:
+    def end_stream(self, stream_id: StreamId | int) -> bytes:
         """Queue END with the stream's length and xxh3-128 digest; return the digest."""
         self._require_open(closing_ok=True)
         st = self._send_stream(stream_id)
@@ -544,7 +547,7 @@ class Connection:
         self._forget(st)
         return digest
 
-    def cancel_stream(self, stream_id: int, code: int = ErrorCode.CANCEL,
+    def cancel_stream(self, stream_id: StreamId | int, code: int = ErrorCode.CANCEL,
                       reason: str = "") -> None:
         """Cancel a stream, ours (we stop sending) or the peer's (we refuse the rest).
 
@@ -561,7 +564,7 @@ class Connection:
         else:
             self._cancel_recv(st, code, reason)
 
-    def consumed(self, stream_id: int, nbytes: int) -> None:
+    def consumed(self, stream_id: StreamId | int, nbytes: int) -> None:
         """The consumer has taken ``nbytes`` of ``stream_id``: grant credit back.
 
         Credit is returned as data is consumed, not as it arrives, so a slow

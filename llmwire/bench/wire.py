@@ -162,11 +162,9 @@ def measure(nbytes: int, runs: int, chunk: int) -> dict[str, Any]:
         raw.append(nbytes / _one_run(ctx, _raw_receiver, _raw_sender, nbytes, chunk) / 1e9)
         wire.append(nbytes / _one_run(ctx, _wire_receiver, _wire_sender, nbytes, chunk) / 1e9)
     raw_gbps, wire_gbps = statistics.median(raw), statistics.median(wire)
-    try:
-        import uvloop  # noqa: F401
-        loop = "uvloop"
-    except ImportError:
-        loop = "asyncio"
+    import importlib.util
+
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     return {
         "bytes": nbytes, "runs": runs, "chunk": chunk, "loop": loop,
         "raw_gbps": round(raw_gbps, 3), "llmwire_gbps": round(wire_gbps, 3),
