@@ -18,6 +18,12 @@ def arun(coro: Coroutine[Any, Any, Any], timeout: float = 15.0) -> Any:
     try:
         return loop.run_until_complete(asyncio.wait_for(coro, timeout))
     finally:
+        # Tasks a test left behind (fake servers' handlers...) end here.
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for t in pending:
+            t.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
 

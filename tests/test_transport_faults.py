@@ -285,7 +285,8 @@ def test_peer_vanishes_idle_timeout():
 def test_client_sees_server_vanish():
     async def main():
         async def silent(reader, writer):  # accepts, then says nothing at all
-            await asyncio.sleep(5)
+            await reader.read()
+            writer.close()
         fake = await asyncio.start_server(silent, "127.0.0.1", 0)
         try:
             with pytest.raises(PeerTimeout):
