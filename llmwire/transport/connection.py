@@ -182,9 +182,9 @@ class WireTransport(Transport, asyncio.BufferedProtocol):
         self._incoming: collections.deque[WireRecvStream] = collections.deque()
         self._send_streams: dict[int, WireSendStream] = {}
         self._recv_streams: dict[int, WireRecvStream] = {}
-        self._change: asyncio.Future[None] | None = None
+        self._waiters: list[asyncio.Future[None]] = []
         self._write_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
+        self._drain_waiters: list[asyncio.Future[None]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._error: BaseException | None = None
@@ -266,9 +266,10 @@ class WireTransport(Transport, asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        w, self._drain_waiter = self._drain_waiter, None
-        if w is not None and not w.done():
-            w.set_result(None)
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
 
     # ------------------------------------------------------------ plumbing
 
@@ -286,24 +287,31 @@ class WireTransport(Transport, asyncio.BufferedProtocol):
     async def _drain(self) -> None:
         while self._write_paused and self._transport is not None \
                 and not self._transport.is_closing():
-            if self._drain_waiter is None:
-                self._drain_waiter = self._loop.create_future()
-            # Shared by every sender; shield so one cancelled sender wakes no one.
-            await asyncio.shield(self._drain_waiter)
+            w = self._loop.create_future()
+            self._drain_waiters.append(w)
+            await w
         if self._error is not None and self._transport is not None \
                 and self._transport.is_closing():
             self._check_usable()
 
     def _wake(self) -> None:
-        c = self._change
-        if c is not None and not c.done():
-            c.set_result(None)
-        self._change = None
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
 
     async def _wait_change(self) -> None:
-        if self._change is None:
-            self._change = self._loop.create_future()
-        await asyncio.shield(self._change)
+        """Wait until credit, streams or the connection state change."""
+        w = self._loop.create_future()
+        self._waiters.append(w)
+        try:
+            await w
+        finally:
+            if not w.done():  # cancelled: do not leave it for _wake
+                try:
+                    self._waiters.remove(w)
+                except ValueError:
+                    pass
 
     def _check_usable(self) -> None:
         if self._error is not None:
