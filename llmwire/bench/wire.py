@@ -145,11 +145,12 @@ def _one_run(ctx: Any, receiver: Any, sender: Any, nbytes: int, chunk: int) -> f
             elapsed = float(sparent.recv())
         finally:
             sp.join(30)
+            if sp.is_alive():
+                sp.terminate()
     finally:
         rp.join(30)
-        for p in (rp,):
-            if p.is_alive():
-                p.terminate()
+        if rp.is_alive():
+            rp.terminate()
     return elapsed
 
 
