@@ -20,12 +20,17 @@ from .quant import (
     quantize_state_dict,
 )
 from .errors import (
-    LlmwireError,
-    LocalProtocolError,
-    NonFiniteError,
-    ProtocolError,
-    QuantizationError,
+    LlmwireError, LocalProtocolError, NonFiniteError, ProtocolError, QuantizationError,
     RemoteProtocolError,
+    AuthenticationError, BadPreface, ChecksumMismatch, ConnectionClosed, ConnectionLost,
+    FlowControlError, FrameError, FrameTooLarge, HandshakeError, IntegrityError,
+    MalformedFrame, PeerError, PeerTimeout, StreamCancelled, StreamClosedError,
+    StreamError, StreamTimeout, UnknownFrameType, VersionMismatch,
+)
+from .protocol import Settings
+from .transport import (
+    Message, RecvStream, SendStream, Server, Transport, connect, connect_unix,
+    memory_pair, run, serve, serve_unix,
 )
 
 __all__ = [
@@ -48,4 +53,11 @@ __all__ = [
     "ProtocolError",
     "QuantizationError",
     "RemoteProtocolError",
+    # wire: errors, settings, transports
+    "AuthenticationError", "BadPreface", "ChecksumMismatch", "ConnectionClosed",
+    "ConnectionLost", "FlowControlError", "FrameError", "FrameTooLarge", "HandshakeError",
+    "IntegrityError", "MalformedFrame", "PeerError", "PeerTimeout", "StreamCancelled",
+    "StreamClosedError", "StreamError", "StreamTimeout", "UnknownFrameType",
+    "VersionMismatch", "Settings", "Message", "RecvStream", "SendStream", "Server",
+    "Transport", "connect", "connect_unix", "memory_pair", "run", "serve", "serve_unix",
 ]

@@ -9,9 +9,37 @@ Where callers would reasonably catch a builtin, the error mixes it in.
     LlmwireError
     ├── QuantizationError (ValueError)       bad dtype, format or option
     │   └── NonFiniteError                   NaN/inf met with nonfinite="raise"
-    └── ProtocolError                        abstract: see its two kinds
-        ├── LocalProtocolError               you misused the API
-        └── RemoteProtocolError              the peer broke the protocol
+    ├── ProtocolError                        abstract: see its two kinds
+    │   ├── LocalProtocolError               you misused the API; nothing changed
+    │   └── RemoteProtocolError              the peer broke the protocol
+    │       ├── FrameError                   frame scope: one frame is bad
+    │       │   ├── FrameTooLarge (ValueError)   declared length over the limit
+    │       │   ├── UnknownFrameType         type byte not in the spec
+    │       │   ├── MalformedFrame           bad flags, stream id or payload
+    │       │   └── ChecksumMismatch         payload xxh3-64 differs
+    │       ├── HandshakeError               before authentication
+    │       │   ├── BadPreface               not an llmwire peer (bad magic)
+    │       │   ├── VersionMismatch          no common protocol version
+    │       │   └── AuthenticationError (PermissionError)   wrong secret
+    │       ├── FlowControlError             peer overran the credit we granted
+    │       ├── StreamClosedError *          data on a closed stream
+    │       └── IntegrityError *             end-of-stream digest differs
+    ├── StreamError                          stream scope: that stream failed,
+    │   │                                    the connection goes on
+    │   ├── StreamCancelled                  cancelled (code, reason)
+    │   ├── StreamTimeout (TimeoutError)     no progress for progress_timeout
+    │   ├── StreamClosedError *
+    │   └── IntegrityError *
+    └── ConnectionClosed                     connection scope: it is over
+        ├── PeerError                        the peer sent ERROR (code, reason)
+        ├── PeerTimeout (TimeoutError)       nothing heard for idle_timeout
+        └── ConnectionLost (ConnectionError) transport gone (e.g. mid-frame)
+
+    * listed twice: both a remote violation and a stream-scoped failure.
+
+Every RemoteProtocolError except the two starred ones fails the whole
+connection: the sans-I/O :class:`~llmwire.protocol.Connection` is then in
+``ConnectionState.ERROR`` and keeps the error in ``.error``.
 
 Each class says, in its docstring, what state the object that raised it is in
 afterwards; docs/errors.md collects the same facts in one table.
@@ -26,6 +54,11 @@ __all__ = [
     "ProtocolError",
     "LocalProtocolError",
     "RemoteProtocolError",
+    "FrameError", "FrameTooLarge", "UnknownFrameType", "MalformedFrame", "ChecksumMismatch",
+    "HandshakeError", "BadPreface", "VersionMismatch", "AuthenticationError",
+    "FlowControlError", "StreamError", "StreamClosedError", "IntegrityError",
+    "StreamCancelled", "StreamTimeout", "ConnectionClosed", "PeerError",
+    "PeerTimeout", "ConnectionLost",
 ]
 
 
@@ -73,3 +106,125 @@ class LocalProtocolError(ProtocolError):
 
 class RemoteProtocolError(ProtocolError):
     """The peer sent something the protocol does not allow."""
+
+
+# --- wire protocol (docs/protocol.md, docs/errors.md) -----------------------
+
+class FrameError(RemoteProtocolError):
+    """A received frame is invalid. The connection is in ERROR afterwards."""
+
+
+class FrameTooLarge(FrameError, ValueError):
+    """A frame header declared more payload than allowed; nothing was allocated."""
+
+    def __init__(self, length: int, limit: int) -> None:
+        self.length, self.limit = length, limit
+        super().__init__(f"frame payload of {length} bytes exceeds the limit of {limit}")
+
+
+class UnknownFrameType(FrameError):
+    """A frame header carried a type byte this protocol version does not define."""
+
+    def __init__(self, frame_type: int) -> None:
+        self.frame_type = frame_type
+        super().__init__(f"unknown frame type 0x{frame_type:02x}")
+
+
+class MalformedFrame(FrameError):
+    """Bad flags, reserved bits, stream id or payload layout in a frame."""
+
+
+class ChecksumMismatch(FrameError):
+    """A frame payload's xxh3-64 differs from the checksum in its header."""
+
+    def __init__(self, stream_id: int, expected: int, actual: int) -> None:
+        self.stream_id, self.expected, self.actual = stream_id, expected, actual
+        super().__init__(f"frame checksum mismatch on stream {stream_id}: "
+                         f"header says {expected:016x}, payload hashes to {actual:016x}")
+
+
+class HandshakeError(RemoteProtocolError):
+    """The handshake failed. The connection is in ERROR; no stream was opened."""
+
+
+class BadPreface(HandshakeError):
+    """The peer's first bytes are not the llmwire preface (not an llmwire peer)."""
+
+
+class VersionMismatch(HandshakeError):
+    """The two sides support no common protocol version (raised on both sides)."""
+
+    def __init__(self, local: tuple[int, int], remote: tuple[int, int]) -> None:
+        self.local, self.remote = local, remote
+        super().__init__(f"no common protocol version: we speak {local[0]}..{local[1]}, "
+                         f"the peer speaks {remote[0]}..{remote[1]}")
+
+
+class AuthenticationError(HandshakeError, PermissionError):
+    """The peer's HMAC proof is wrong: the two sides hold different secrets."""
+
+
+class FlowControlError(RemoteProtocolError):
+    """The peer sent more than the credit granted to it (or overflowed a window)."""
+
+
+class StreamError(LlmwireError):
+    """One stream failed; the connection and its other streams go on.
+
+    ``stream_id`` names the stream. The stream is closed afterwards: no more
+    data is delivered on it and sending on it raises LocalProtocolError.
+    """
+
+    def __init__(self, stream_id: int, message: str) -> None:
+        self.stream_id = stream_id
+        super().__init__(f"stream {stream_id}: {message}")
+
+
+class StreamClosedError(RemoteProtocolError, StreamError):
+    """The peer sent data or an end on a stream that was already closed."""
+
+
+class IntegrityError(RemoteProtocolError, StreamError):
+    """The end-of-stream digest (or length) differs from what arrived."""
+
+    def __init__(self, stream_id: int, expected: str, actual: str) -> None:
+        self.expected, self.actual = expected, actual
+        super().__init__(stream_id, f"integrity check failed: sender's digest {expected}, "
+                                    f"received data hashes to {actual}")
+
+
+class StreamCancelled(StreamError):
+    """The stream was cancelled, by the peer (``remote=True``) or locally."""
+
+    def __init__(self, stream_id: int, code: int, reason: str, remote: bool = True) -> None:
+        self.code, self.reason, self.remote = code, reason, remote
+        who = "peer" if remote else "local side"
+        super().__init__(stream_id, f"cancelled by the {who} (code {code}: {reason or '-'})")
+
+
+class StreamTimeout(StreamError, TimeoutError):
+    """A stream with credit outstanding received nothing for ``progress_timeout``."""
+
+
+class ConnectionClosed(LlmwireError):
+    """The connection is over; ``cause`` holds the error that ended it, if any."""
+
+    def __init__(self, message: str = "connection closed", cause: BaseException | None = None) -> None:
+        self.cause = cause
+        super().__init__(message if cause is None else f"{message}: {cause}")
+
+
+class PeerError(ConnectionClosed):
+    """The peer ended the connection with an ERROR frame (``code``, ``reason``)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        self.code, self.reason = code, reason
+        super().__init__(f"peer closed the connection with error code {code} ({reason or '-'})")
+
+
+class PeerTimeout(ConnectionClosed, TimeoutError):
+    """Nothing was heard from the peer for ``idle_timeout`` (or the handshake took too long)."""
+
+
+class ConnectionLost(ConnectionClosed, ConnectionError):
+    """The byte stream ended without a GOAWAY (for instance in the middle of a frame)."""

@@ -13,7 +13,7 @@ import torch
 import llmwire
 from llmwire import QuantizedTensor
 
-from .conftest import assert_same_bits
+from conftest import assert_same_bits
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 

@@ -14,7 +14,7 @@ from llmwire import NonFiniteError, QuantizationError, QuantizedTensor, TensorSp
 from llmwire.quant import codec, reference
 from llmwire.quant.formats import BLOCK_SIZES, FORMATS, NESTED_GROUP
 
-from .conftest import as_numpy, assert_same_bits
+from conftest import as_numpy, assert_same_bits
 
 CAST = {"fp16": "float16", "bf16": "bfloat16"}
 # (format, options) pairs covering every encoding

@@ -14,7 +14,7 @@ from llmwire import QuantizationError
 from llmwire.quant import formats
 from llmwire.quant.formats import DYNAMIC8_CODE, FORMATS, FP4_CODE, NF4_CODE, get_format
 
-from .conftest import assert_same_bits
+from conftest import assert_same_bits
 
 
 def rebuilt_dynamic_map() -> np.ndarray:

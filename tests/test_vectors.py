@@ -19,7 +19,7 @@ import llmwire
 from llmwire.quant import _kernels, reference
 from llmwire.quant.formats import FORMATS
 
-from .conftest import STORAGE, requires_native
+from conftest import STORAGE, requires_native
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "quant_vectors.json").read_text())
 

@@ -1,0 +1,204 @@
+"""``llmwire bench wire``: llmwire stream throughput against raw loopback TCP.
+
+Both measurements run in the same invocation, alternating, each in a fresh
+pair of processes (one sends, one receives) over 127.0.0.1:
+
+- raw: blocking ``sendall`` of a reused chunk / ``recv_into`` a reused buffer;
+- llmwire: one stream over :func:`llmwire.connect` / :func:`llmwire.serve`
+  (uvloop when installed): ``await stream.send(chunk)``, ``await
+  stream.end()``; the receiver iterates the stream (checksums and digest
+  verified) and returns credit as it consumes.
+
+The sender's clock runs from its first byte until the receiver's one-byte
+(raw) or one-message (llmwire) acknowledgement that everything arrived.
+The figure printed is the median over ``--runs`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import sys
+import time
+from typing import Any
+
+GIB = 1 << 30
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the bench's options to ``parser``."""
+    parser.add_argument("--bytes", type=int, default=GIB,
+                        help="bytes per run (default: 1 GiB)")
+    parser.add_argument("--runs", type=int, default=5, help="runs of each kind (default: 5)")
+    parser.add_argument("--chunk", type=int, default=4 << 20,
+                        help="bytes per send call (default: 4 MiB)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object: raw_gbps, llmwire_gbps, ratio, ...")
+
+
+# --- raw ---------------------------------------------------------------------------
+
+def _raw_receiver(conn: Any, nbytes: int, chunk: int) -> None:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    conn.send(srv.getsockname()[1])
+    s, _ = srv.accept()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    left = nbytes
+    while left:
+        n = s.recv_into(view, min(left, chunk))
+        if not n:
+            raise RuntimeError("raw sender closed early")
+        left -= n
+    s.sendall(b"k")
+    s.close()
+    srv.close()
+
+
+def _raw_sender(conn: Any, port: int, nbytes: int, chunk: int) -> None:
+    s = socket.create_connection(("127.0.0.1", port))
+    data = memoryview(os.urandom(chunk))
+    t0 = time.perf_counter()
+    left = nbytes
+    while left:
+        n = min(left, chunk)
+        s.sendall(data[:n])
+        left -= n
+    assert s.recv(1) == b"k"
+    conn.send(time.perf_counter() - t0)
+    s.close()
+
+
+# --- llmwire -----------------------------------------------------------------------
+
+def _wire_receiver(conn: Any, nbytes: int, chunk: int) -> None:
+    import asyncio
+
+    import llmwire
+
+    async def main() -> None:
+        done = asyncio.get_running_loop().create_future()
+
+        async def handler(t: Any) -> None:
+            rs = await t.accept_stream()
+            got = 0
+            async for piece in rs:
+                got += len(piece)
+            if got != nbytes:
+                raise RuntimeError(f"received {got} of {nbytes} bytes")
+            await t.send_message({"ok": True})
+            await t.wait_closed()
+            done.set_result(None)
+
+        srv = await llmwire.serve(handler, "127.0.0.1", 0, secret=b"bench")
+        conn.send(srv.port)
+        await asyncio.wait_for(done, 600)
+        await srv.close()
+
+    llmwire.run(main())
+
+
+def _wire_sender(conn: Any, port: int, nbytes: int, chunk: int) -> None:
+    import llmwire
+
+    async def main() -> float:
+        t = await llmwire.connect("127.0.0.1", port, secret=b"bench")
+        data = memoryview(os.urandom(chunk))
+        stream = await t.open_stream({"bench": "wire", "bytes": nbytes})
+        t0 = time.perf_counter()
+        left = nbytes
+        while left:
+            n = min(left, chunk)
+            await stream.send(data[:n])
+            left -= n
+        await stream.end()
+        await t.receive_message()
+        elapsed = time.perf_counter() - t0
+        await t.close()
+        return elapsed
+
+    conn.send(llmwire.run(main()))
+
+
+# --- driver ------------------------------------------------------------------------
+
+def _one_run(ctx: Any, receiver: Any, sender: Any, nbytes: int, chunk: int) -> float:
+    rparent, rchild = ctx.Pipe()
+    sparent, schild = ctx.Pipe()
+    rp = ctx.Process(target=receiver, args=(rchild, nbytes, chunk))
+    rp.start()
+    try:
+        if not rparent.poll(60):
+            raise RuntimeError("receiver did not start")
+        port = rparent.recv()
+        sp = ctx.Process(target=sender, args=(schild, port, nbytes, chunk))
+        sp.start()
+        try:
+            if not sparent.poll(600):
+                raise RuntimeError("sender did not finish")
+            elapsed = float(sparent.recv())
+        finally:
+            sp.join(30)
+            if sp.is_alive():
+                sp.terminate()
+    finally:
+        rp.join(30)
+        if rp.is_alive():
+            rp.terminate()
+    return elapsed
+
+
+def measure(nbytes: int, runs: int, chunk: int) -> dict[str, Any]:
+    """Run both benchmarks ``runs`` times (alternating) and return the figures."""
+    ctx = mp.get_context("spawn")
+    raw: list[float] = []
+    wire: list[float] = []
+    for _ in range(runs):
+        raw.append(nbytes / _one_run(ctx, _raw_receiver, _raw_sender, nbytes, chunk) / 1e9)
+        wire.append(nbytes / _one_run(ctx, _wire_receiver, _wire_sender, nbytes, chunk) / 1e9)
+    raw_gbps, wire_gbps = statistics.median(raw), statistics.median(wire)
+    import importlib.util
+
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    return {
+        "bytes": nbytes, "runs": runs, "chunk": chunk, "loop": loop,
+        "raw_gbps": round(raw_gbps, 3), "llmwire_gbps": round(wire_gbps, 3),
+        "ratio": round(wire_gbps / raw_gbps, 3),
+        # Runs alternate raw/llmwire; the median of each pair's ratio is less
+        # sensitive to other load drifting over the whole measurement.
+        "paired_ratio_median": round(statistics.median(w / r for w, r in zip(wire, raw)), 3),
+        "raw_runs_gbps": [round(x, 3) for x in raw],
+        "llmwire_runs_gbps": [round(x, 3) for x in wire],
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the bench; print a table, or one JSON object with ``--json``."""
+    if args.bytes <= 0 or args.runs <= 0 or args.chunk <= 0:
+        print("--bytes, --runs and --chunk must be positive", file=sys.stderr)
+        return 2
+    r = measure(args.bytes, args.runs, args.chunk)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"wire throughput over loopback: {r['bytes']} bytes, median of {r['runs']} runs, "
+          f"{r['chunk']}-byte sends, {r['loop']}")
+    print(f"  {'transport':<10} {'GB/s':>7}   runs (GB/s)")
+    print(f"  {'raw TCP':<10} {r['raw_gbps']:>7.3f}   {r['raw_runs_gbps']}")
+    print(f"  {'llmwire':<10} {r['llmwire_gbps']:>7.3f}   {r['llmwire_runs_gbps']}")
+    print(f"  ratio llmwire/raw: {r['ratio']:.3f} (median of paired runs: "
+          f"{r['paired_ratio_median']:.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(prog="python3 -m llmwire.bench.wire",
+                                      description=__doc__.splitlines()[0])
+    add_arguments(_parser)
+    raise SystemExit(run(_parser.parse_args()))
