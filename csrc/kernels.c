@@ -70,50 +70,52 @@ int lw_dtype_size(int dtype)
 
 /* ---- casts -------------------------------------------------------------- */
 
-static void widen(const void *restrict src, int dtype, float *restrict out, size_t n)
+static void widen(const void *restrict src, int dtype, float *restrict out, size_t n, int nt)
 {
-    if (dtype == LW_FLOAT16) {
-        const uint16_t *s = (const uint16_t *)src;
-        size_t i = lw_cpu_has_avx2() ? lw_widen_f16_avx2(s, out, n) : 0;
-        for (; i < n; i++) out[i] = f16_to_f32(s[i]);
-    } else if (dtype == LW_BFLOAT16) {
-        const uint16_t *s = (const uint16_t *)src;
-        for (size_t i = 0; i < n; i++) out[i] = bf16_to_f32(s[i]);
-    } else {
+    if (dtype == LW_FLOAT32) {
         memcpy(out, src, n * sizeof(float));
+        return;
     }
+    const uint16_t *s = (const uint16_t *)src;
+    size_t i = lw_cpu_has_avx2() ? lw_widen_avx2(s, out, n, dtype, nt) : 0;
+    if (dtype == LW_FLOAT16)
+        for (; i < n; i++) out[i] = f16_to_f32(s[i]);
+    else
+        for (; i < n; i++) out[i] = bf16_to_f32(s[i]);
 }
 
-static void narrow(const float *restrict src, uint16_t *restrict out, int dtype, size_t n)
+static void narrow(const float *restrict src, uint16_t *restrict out, int dtype, size_t n,
+                   int nt)
 {
-    if (dtype == LW_FLOAT16) {
-        size_t i = lw_cpu_has_avx2() ? lw_narrow_f16_avx2(src, out, n) : 0;
+    size_t i = lw_cpu_has_avx2() ? lw_narrow_avx2(src, out, n, dtype, nt) : 0;
+    if (dtype == LW_FLOAT16)
         for (; i < n; i++) out[i] = f32_to_f16(src[i]);
-    } else
-        for (size_t i = 0; i < n; i++) out[i] = f32_to_bf16(src[i]);
+    else
+        for (; i < n; i++) out[i] = f32_to_bf16(src[i]);
 }
 
 LW_CLONES
-void lw_cast(const void *src, int src_dtype, void *dst, int dst_dtype, size_t n)
+void lw_cast(const void *src, int src_dtype, void *dst, int dst_dtype, size_t n,
+             int nontemporal)
 {
     if (src_dtype == dst_dtype) {
         memcpy(dst, src, n * (size_t)lw_dtype_size(src_dtype));
         return;
     }
     if (src_dtype == LW_FLOAT32) {
-        narrow((const float *)src, (uint16_t *)dst, dst_dtype, n);
+        narrow((const float *)src, (uint16_t *)dst, dst_dtype, n, nontemporal);
         return;
     }
     if (dst_dtype == LW_FLOAT32) {
-        widen(src, src_dtype, (float *)dst, n);
+        widen(src, src_dtype, (float *)dst, n, nontemporal);
         return;
     }
     /* float16 <-> bfloat16 goes through float32, a block at a time */
     float tmp[LW_MAX_BLOCK];
     for (size_t off = 0; off < n; off += LW_MAX_BLOCK) {
         size_t len = n - off < LW_MAX_BLOCK ? n - off : LW_MAX_BLOCK;
-        widen((const uint16_t *)src + off, src_dtype, tmp, len);
-        narrow(tmp, (uint16_t *)dst + off, dst_dtype, len);
+        widen((const uint16_t *)src + off, src_dtype, tmp, len, 0);
+        narrow(tmp, (uint16_t *)dst + off, dst_dtype, len, nontemporal);
     }
 }
 
@@ -204,7 +206,7 @@ int64_t lw_quantize(const void *src, int src_dtype, size_t n, size_t block,
         if (src_dtype == LW_FLOAT32) {
             v = (const float *)src + off;
         } else {
-            widen((const uint16_t *)src + off, src_dtype, tmp, len);
+            widen((const uint16_t *)src + off, src_dtype, tmp, len, 0);
             v = tmp;
         }
         float am = block_absmax(v, len, &nonfinite);
@@ -268,7 +270,7 @@ void lw_dequantize(const uint8_t *codes, const float *absmax, size_t n, size_t b
             DEQUANT_BLOCK(float, scaled);
         } else {
             int fast4 = 0;
-            narrow(scaled, narrowed, dst_dtype, ncodes);
+            narrow(scaled, narrowed, dst_dtype, ncodes, 0);
             DEQUANT_BLOCK(uint16_t, narrowed);
         }
     }

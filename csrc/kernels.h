@@ -33,8 +33,10 @@ typedef struct {
 
 int lw_dtype_size(int dtype);
 
-/* Convert n elements between float32, float16 and bfloat16. */
-void lw_cast(const void *src, int src_dtype, void *dst, int dst_dtype, size_t n);
+/* Convert n elements between float32, float16 and bfloat16. nontemporal:
+ * write the output past the caches (for large outputs not read soon). */
+void lw_cast(const void *src, int src_dtype, void *dst, int dst_dtype, size_t n,
+             int nontemporal);
 
 /* Quantize n elements in blocks; writes codes (packed for 4-bit) and one
  * absmax per block. Returns the number of non-finite inputs. */
@@ -48,8 +50,8 @@ void lw_dequantize(const uint8_t *codes, const float *absmax, size_t n, size_t b
 /* AVX2 + F16C paths (kernels_x86.c); each returns how many elements it did,
  * the caller finishes the tail. Only called when lw_cpu_has_avx2(). */
 int lw_cpu_has_avx2(void);
-size_t lw_narrow_f16_avx2(const float *src, uint16_t *dst, size_t n);
-size_t lw_widen_f16_avx2(const uint16_t *src, float *dst, size_t n);
+size_t lw_narrow_avx2(const float *src, uint16_t *dst, size_t n, int dtype, int nontemporal);
+size_t lw_widen_avx2(const uint16_t *src, float *dst, size_t n, int dtype, int nontemporal);
 size_t lw_codes4_avx2(const float *v, size_t len, float inv, const float *thresholds,
                       const uint8_t *rank_to_code, uint8_t *codes);
 size_t lw_ranks8_avx2(const float *v, size_t len, float inv, const float *thresholds,

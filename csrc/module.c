@@ -45,15 +45,18 @@ static int check_block(Py_ssize_t block, int bits)
 }
 
 PyDoc_STRVAR(cast_doc,
-"cast(src, src_dtype, dst, dst_dtype, n)\n--\n\n"
-"Convert n elements between float32 (0), float16 (1) and bfloat16 (2).");
+"cast(src, src_dtype, dst, dst_dtype, n, nontemporal=False)\n--\n\n"
+"Convert n elements between float32 (0), float16 (1) and bfloat16 (2);\n"
+"nontemporal writes the output past the CPU caches.");
 
 static PyObject *native_cast(PyObject *self, PyObject *args)
 {
     Py_buffer src, dst;
     int src_dtype, dst_dtype;
     Py_ssize_t n;
-    if (!PyArg_ParseTuple(args, "y*iw*in", &src, &src_dtype, &dst, &dst_dtype, &n))
+    int nontemporal = 0;
+    if (!PyArg_ParseTuple(args, "y*iw*in|p", &src, &src_dtype, &dst, &dst_dtype, &n,
+                          &nontemporal))
         return NULL;
     PyObject *result = NULL;
     if (check_dtype(src_dtype) || check_dtype(dst_dtype) || check_count(n, 4)
@@ -61,7 +64,7 @@ static PyObject *native_cast(PyObject *self, PyObject *args)
         || check_len(&dst, "dst", (size_t)n * lw_dtype_size(dst_dtype)))
         goto done;
     Py_BEGIN_ALLOW_THREADS
-    lw_cast(src.buf, src_dtype, dst.buf, dst_dtype, (size_t)n);
+    lw_cast(src.buf, src_dtype, dst.buf, dst_dtype, (size_t)n, nontemporal);
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:

@@ -3,8 +3,10 @@ has a NumPy twin in ``llmwire.quant.reference`` that defines its output."""
 
 from collections.abc import Buffer
 
-def cast(src: Buffer, src_dtype: int, dst: Buffer, dst_dtype: int, n: int, /) -> None:
-    """Convert n elements between float32 (0), float16 (1) and bfloat16 (2)."""
+def cast(src: Buffer, src_dtype: int, dst: Buffer, dst_dtype: int, n: int,
+         nontemporal: bool = False, /) -> None:
+    """Convert n elements between float32 (0), float16 (1) and bfloat16 (2);
+    nontemporal writes the output past the CPU caches."""
 
 def quantize(src: Buffer, src_dtype: int, n: int, block: int, bits: int, thresholds: Buffer,
              rank_to_code: Buffer, buckets: Buffer, codes: Buffer, absmax: Buffer, /) -> int:

@@ -418,3 +418,23 @@ def test_native_rejects_readonly_and_strided_outputs(native):
         with pytest.raises((TypeError, ValueError, BufferError)):
             native.dequantize(codes, absmax, 64, 64, 4, t.code_values, out, CODE["float32"])
     assert (readonly == 0).all() and (strided == 0).all()
+
+
+@requires_native
+@pytest.mark.parametrize("src_dtype,dst_dtype", [
+    ("float32", "float16"), ("float32", "bfloat16"), ("float16", "float32"),
+    ("bfloat16", "float32"), ("float16", "bfloat16"), ("bfloat16", "float16")])
+@pytest.mark.parametrize("skew", [0, 1, 3])
+def test_cast_bypassing_the_cache_writes_the_same_bits(native, src_dtype, dst_dtype, skew):
+    """Non-temporal stores (aligned destinations) and the plain path (skewed
+    ones) give the reference's bits, tails included."""
+    rng = np.random.default_rng(7)
+    n = 100_003
+    src = rng.integers(0, 2**32, n, dtype=np.uint32)
+    src = (src.view(np.float32) if src_dtype == "float32"
+           else src.astype(np.uint16).view(STORAGE[src_dtype]))
+    out_type = UINT[dst_dtype]
+    buffer = np.zeros(n + 8, dtype=out_type)
+    out = buffer[skew:skew + n]
+    native.cast(src, CODE[src_dtype], out, CODE[dst_dtype], n, True)
+    assert_same_bits(out.view(out_type), reference.cast(src, src_dtype, dst_dtype).view(out_type))

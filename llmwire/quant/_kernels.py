@@ -73,10 +73,14 @@ def _bucket_table(thresholds: np.ndarray) -> np.ndarray:
 _TABLES = {name: _Tables(fmt) for name, fmt in FORMATS.items() if fmt.is_block}
 
 
-def cast_into(src: np.ndarray, src_dtype: str, out: np.ndarray, dst_dtype: str) -> None:
-    """Convert ``src`` into ``out`` (same element count)."""
+def cast_into(src: np.ndarray, src_dtype: str, out: np.ndarray, dst_dtype: str, *,
+              bypass_cache: bool = False) -> None:
+    """Convert ``src`` into ``out`` (same element count). ``bypass_cache``
+    writes ``out`` with non-temporal stores: faster for large outputs that
+    will not be read soon, slower for buffers about to be sent."""
     if _native is not None:
-        _native.cast(src, DTYPE_CODES[src_dtype], out, DTYPE_CODES[dst_dtype], src.size)
+        _native.cast(src, DTYPE_CODES[src_dtype], out, DTYPE_CODES[dst_dtype], src.size,
+                     bypass_cache)
     else:
         out[...] = reference.cast(src, src_dtype, dst_dtype).view(out.dtype)
 

@@ -285,12 +285,15 @@ def _check_outputs(arrays: Sequence[np.ndarray], what: str) -> None:
             raise QuantizationError(f"{what} must be writable C-contiguous NumPy arrays")
 
 
-def encode_slice_into(spec: TensorSpec, src: np.ndarray, parts: Sequence[np.ndarray]) -> int:
+def encode_slice_into(spec: TensorSpec, src: np.ndarray, parts: Sequence[np.ndarray], *,
+                      bypass_cache: bool = False) -> int:
     """Encode the 1-D contiguous elements ``src`` (held as ``spec.dtype``)
     into the part views ``parts`` (laid out by ``spec.part_layout(src.size)``).
 
     ``src`` must start at an aligned offset of its tensor. Returns the number
-    of non-finite inputs (block formats; 0 otherwise).
+    of non-finite inputs (block formats; 0 otherwise). ``bypass_cache=True``
+    writes cast outputs past the CPU caches: right for a large result kept for
+    later, wrong for a buffer about to be sent (the default).
     """
     fmt = get_format(spec.format)
     src = _as_kernel_input(src, spec.dtype)
@@ -299,7 +302,8 @@ def encode_slice_into(spec: TensorSpec, src: np.ndarray, parts: Sequence[np.ndar
         parts[0][...] = src.view(np.uint8)
         return 0
     if fmt.kind == "cast":
-        _kernels.cast_into(src, spec.dtype, parts[0], _CAST_DTYPES[fmt.name])
+        _kernels.cast_into(src, spec.dtype, parts[0], _CAST_DTYPES[fmt.name],
+                           bypass_cache=bypass_cache)
         return 0
     if not spec.nested:
         return _kernels.quantize_into(src, spec.dtype, fmt, spec.block_size, parts[0], parts[1])
@@ -333,9 +337,11 @@ def _restore_absmax(codes: np.ndarray, scale: np.ndarray, offset: np.ndarray) ->
     return absmax
 
 
-def decode_slice(spec: TensorSpec, parts: Sequence[np.ndarray], out: np.ndarray) -> None:
+def decode_slice(spec: TensorSpec, parts: Sequence[np.ndarray], out: np.ndarray, *,
+                 bypass_cache: bool = False) -> None:
     """Restore the elements encoded in ``parts`` into the 1-D contiguous
-    ``out`` (held as ``spec.dtype``; its length is the slice's count)."""
+    ``out`` (held as ``spec.dtype``; its length is the slice's count).
+    ``bypass_cache`` as for :func:`encode_slice_into`."""
     fmt = get_format(spec.format)
     _check_outputs([out], "out")
     count = out.size
@@ -344,7 +350,8 @@ def decode_slice(spec: TensorSpec, parts: Sequence[np.ndarray], out: np.ndarray)
         out.view(np.uint8)[...] = parts[0]
         return
     if fmt.kind == "cast":
-        _kernels.cast_into(parts[0], _CAST_DTYPES[fmt.name], out, spec.dtype)
+        _kernels.cast_into(parts[0], _CAST_DTYPES[fmt.name], out, spec.dtype,
+                           bypass_cache=bypass_cache)
         return
     if spec.nested:
         absmax = _restore_absmax(parts[1], parts[2], parts[3])
@@ -410,8 +417,9 @@ def _encode_plan(tensor: Any, fmt: str, block_size: int | None, nested: bool, it
     arrays = list(parts.values())
 
     def task(start: int, stop: int) -> int:
+        # a whole-tensor result is kept for later, not sent right away
         return encode_slice_into(spec, view.slice(start, stop),
-                                 _part_views(spec, arrays, start, stop))
+                                 _part_views(spec, arrays, start, stop), bypass_cache=True)
 
     tasks = [lambda a=a, b=b: task(a, b) for a, b in _ranges(spec, item)]
     return view, spec, parts, tasks
@@ -501,7 +509,8 @@ def _decode_plan(q: Any, out: Any, container: str | None, item: int | None
     arrays = list(q.parts.values())
 
     def task(start: int, stop: int) -> None:
-        decode_slice(spec, _part_views(spec, arrays, start, stop), flat[start:stop])
+        decode_slice(spec, _part_views(spec, arrays, start, stop), flat[start:stop],
+                     bypass_cache=True)
 
     return result, [lambda a=a, b=b: task(a, b) for a, b in _ranges(spec, item)]
 
