@@ -232,46 +232,51 @@ int64_t lw_quantize(const void *src, int src_dtype, size_t n, size_t block,
 /* Each block first scales its 16 or 256 code values (and narrows them once to
  * the target dtype); elements are then table look-ups. The result is the same
  * as scaling element by element, since both do the same float32 product. */
-#define DEQUANT_BLOCK(T, table)                                                   \
+#define LOOKUP_TAIL(T, table, from)                                               \
     do {                                                                          \
         T *o = (T *)dst + off;                                                    \
         if (bits == 4) {                                                          \
             const uint8_t *c = codes + off / 2;                                   \
-            size_t pairs = len / 2;                                               \
-            size_t j = fast4 ? lw_dequant4_f32_avx2(c, len, (const float *)table, \
-                                                    (float *)o) / 2 : 0;          \
-            for (; j < pairs; j++) {                                              \
+            for (size_t j = (from) / 2; j < len / 2; j++) {                       \
                 o[2 * j] = table[c[j] >> 4];                                      \
                 o[2 * j + 1] = table[c[j] & 15];                                  \
             }                                                                     \
-            if (len & 1) o[len - 1] = table[c[pairs] >> 4];                       \
+            if (len & 1) o[len - 1] = table[c[len / 2] >> 4];                     \
         } else {                                                                  \
             const uint8_t *c = codes + off;                                       \
-            for (size_t i = 0; i < len; i++) o[i] = table[c[i]];                  \
+            for (size_t i = (from); i < len; i++) o[i] = table[c[i]];             \
         }                                                                         \
     } while (0)
 
 LW_CLONES
 void lw_dequantize(const uint8_t *codes, const float *absmax, size_t n, size_t block,
-                   int bits, const float *code_values, void *dst, int dst_dtype)
+                   int bits, const float *code_values, void *dst, int dst_dtype,
+                   int nontemporal)
 {
     float scaled[256];
     uint16_t narrowed[256];
     size_t ncodes = (size_t)1 << bits;
     size_t nblocks = (n + block - 1) / block;
     int avx2 = lw_cpu_has_avx2();
+    /* blocks start at multiples of 32 elements, so one aligned base suffices */
+    int nt = nontemporal && avx2 && ((uintptr_t)dst & 15u) == 0;
     for (size_t b = 0; b < nblocks; b++) {
         size_t off = b * block;
         size_t len = n - off < block ? n - off : block;
         float am = absmax[b];
         for (size_t k = 0; k < ncodes; k++) scaled[k] = code_values[k] * am;
         if (dst_dtype == LW_FLOAT32) {
-            int fast4 = avx2;
-            DEQUANT_BLOCK(float, scaled);
+            float *o = (float *)dst + off;
+            size_t done = 0;
+            if (avx2)
+                done = bits == 4 ? lw_dequant4_f32_avx2(codes + off / 2, len, scaled, o, nt)
+                                 : lw_dequant8_f32_avx2(codes + off, len, scaled, o, nt);
+            LOOKUP_TAIL(float, scaled, done);
         } else {
-            int fast4 = 0;
             narrow(scaled, narrowed, dst_dtype, ncodes, 0);
-            DEQUANT_BLOCK(uint16_t, narrowed);
+            LOOKUP_TAIL(uint16_t, narrowed, 0);
         }
     }
+    if (nt)
+        lw_store_fence();
 }

@@ -43,9 +43,11 @@ void lw_cast(const void *src, int src_dtype, void *dst, int dst_dtype, size_t n,
 int64_t lw_quantize(const void *src, int src_dtype, size_t n, size_t block,
                     const lw_code_tables *tables, uint8_t *codes, float *absmax);
 
-/* Restore n elements from codes and absmax; code_values has 2**bits entries. */
+/* Restore n elements from codes and absmax; code_values has 2**bits entries.
+ * nontemporal: write float32 output past the caches (see lw_cast). */
 void lw_dequantize(const uint8_t *codes, const float *absmax, size_t n, size_t block,
-                   int bits, const float *code_values, void *dst, int dst_dtype);
+                   int bits, const float *code_values, void *dst, int dst_dtype,
+                   int nontemporal);
 
 /* AVX2 + F16C paths (kernels_x86.c); each returns how many elements it did,
  * the caller finishes the tail. Only called when lw_cpu_has_avx2(). */
@@ -56,6 +58,10 @@ size_t lw_codes4_avx2(const float *v, size_t len, float inv, const float *thresh
                       const uint8_t *rank_to_code, uint8_t *codes);
 size_t lw_ranks8_avx2(const float *v, size_t len, float inv, const float *thresholds,
                       const uint8_t *buckets, uint8_t *ranks);
-size_t lw_dequant4_f32_avx2(const uint8_t *codes, size_t len, const float *table, float *out);
+size_t lw_dequant4_f32_avx2(const uint8_t *codes, size_t len, const float *table, float *out,
+                            int nontemporal);
+size_t lw_dequant8_f32_avx2(const uint8_t *codes, size_t len, const float *table, float *out,
+                            int nontemporal);
+void lw_store_fence(void); /* after non-temporal stores */
 
 #endif

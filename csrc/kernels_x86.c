@@ -189,11 +189,21 @@ LW_AVX2 size_t lw_ranks8_avx2(const float *v, size_t len, float inv, const float
     return i;
 }
 
-/* Dequantize packed 4-bit codes into float32: pairs of bytes in, 16 floats
- * out per 8 bytes; table = the block's 16 scaled code values. Returns the
- * number of elements written (a multiple of 16). */
+LW_AVX2 static inline void store8_ps(float *out, __m256 v, int nontemporal)
+{
+    if (nontemporal) {
+        _mm_stream_ps(out, _mm256_castps256_ps128(v));
+        _mm_stream_ps(out + 4, _mm256_extractf128_ps(v, 1));
+    } else {
+        _mm256_storeu_ps(out, v);
+    }
+}
+
+/* Dequantize packed 4-bit codes into float32: 8 bytes in, 16 floats out;
+ * table = the block's 16 scaled code values. Returns the number of elements
+ * written (a multiple of 16). nontemporal needs out 16-byte aligned. */
 LW_AVX2 size_t lw_dequant4_f32_avx2(const uint8_t *codes, size_t len, const float *table,
-                                    float *out)
+                                    float *out, int nontemporal)
 {
     const __m256 lo = _mm256_loadu_ps(table), hi = _mm256_loadu_ps(table + 8);
     const __m256i low_nibble = _mm256_set1_epi32(15);
@@ -204,11 +214,28 @@ LW_AVX2 size_t lw_dequant4_f32_avx2(const uint8_t *codes, size_t len, const floa
         __m256i l = _mm256_and_si256(b, low_nibble);
         __m256i u0 = _mm256_unpacklo_epi32(h, l);
         __m256i u1 = _mm256_unpackhi_epi32(h, l);
-        _mm256_storeu_ps(out + i, lookup16_ps(lo, hi, _mm256_permute2x128_si256(u0, u1, 0x20)));
-        _mm256_storeu_ps(out + i + 8, lookup16_ps(lo, hi, _mm256_permute2x128_si256(u0, u1, 0x31)));
+        store8_ps(out + i, lookup16_ps(lo, hi, _mm256_permute2x128_si256(u0, u1, 0x20)),
+                  nontemporal);
+        store8_ps(out + i + 8, lookup16_ps(lo, hi, _mm256_permute2x128_si256(u0, u1, 0x31)),
+                  nontemporal);
     }
     return i;
 }
+
+/* Dequantize 8-bit codes into float32 with one gather per 8 values from the
+ * block's 256 scaled code values. Returns the count done (multiple of 8). */
+LW_AVX2 size_t lw_dequant8_f32_avx2(const uint8_t *codes, size_t len, const float *table,
+                                    float *out, int nontemporal)
+{
+    size_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+        __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + i)));
+        store8_ps(out + i, _mm256_i32gather_ps(table, idx, 4), nontemporal);
+    }
+    return i;
+}
+
+LW_AVX2 void lw_store_fence(void) { _mm_sfence(); }
 
 #else
 
@@ -219,8 +246,11 @@ size_t lw_widen_avx2(const uint16_t *src, float *dst, size_t n, int dtype, int n
 { return 0; }
 size_t lw_codes4_avx2(const float *v, size_t len, float inv, const float *thresholds,
                       const uint8_t *rank_to_code, uint8_t *codes) { return 0; }
-size_t lw_dequant4_f32_avx2(const uint8_t *codes, size_t len, const float *table, float *out)
-{ return 0; }
+size_t lw_dequant4_f32_avx2(const uint8_t *codes, size_t len, const float *table, float *out,
+                            int nontemporal) { return 0; }
+size_t lw_dequant8_f32_avx2(const uint8_t *codes, size_t len, const float *table, float *out,
+                            int nontemporal) { return 0; }
+void lw_store_fence(void) {}
 size_t lw_ranks8_avx2(const float *v, size_t len, float inv, const float *thresholds,
                       const uint8_t *buckets, uint8_t *ranks) { return 0; }
 

@@ -117,16 +117,17 @@ done:
 }
 
 PyDoc_STRVAR(dequantize_doc,
-"dequantize(codes, absmax, n, block, bits, code_values, dst, dst_dtype)\n--\n\n"
-"Restore n elements of dst_dtype from codes and per-block absmax.");
+"dequantize(codes, absmax, n, block, bits, code_values, dst, dst_dtype, nontemporal=False)\n--\n\n"
+"Restore n elements of dst_dtype from codes and per-block absmax;\n"
+"nontemporal writes float32 output past the CPU caches.");
 
 static PyObject *native_dequantize(PyObject *self, PyObject *args)
 {
     Py_buffer codes, absmax, code_values, dst;
     Py_ssize_t n, block;
-    int bits, dst_dtype;
-    if (!PyArg_ParseTuple(args, "y*y*nniy*w*i", &codes, &absmax, &n, &block, &bits,
-                          &code_values, &dst, &dst_dtype))
+    int bits, dst_dtype, nontemporal = 0;
+    if (!PyArg_ParseTuple(args, "y*y*nniy*w*i|p", &codes, &absmax, &n, &block, &bits,
+                          &code_values, &dst, &dst_dtype, &nontemporal))
         return NULL;
     PyObject *result = NULL;
     if (check_dtype(dst_dtype) || check_count(n, 4) || check_block(block, bits))
@@ -140,7 +141,7 @@ static PyObject *native_dequantize(PyObject *self, PyObject *args)
         goto done;
     Py_BEGIN_ALLOW_THREADS
     lw_dequantize(codes.buf, absmax.buf, (size_t)n, (size_t)block, bits, code_values.buf,
-                  dst.buf, dst_dtype);
+                  dst.buf, dst_dtype, nontemporal);
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:

@@ -13,5 +13,7 @@ def quantize(src: Buffer, src_dtype: int, n: int, block: int, bits: int, thresho
     """Block-quantize n elements into codes/absmax; return the non-finite count."""
 
 def dequantize(codes: Buffer, absmax: Buffer, n: int, block: int, bits: int,
-               code_values: Buffer, dst: Buffer, dst_dtype: int, /) -> None:
-    """Restore n elements of dst_dtype from codes and per-block absmax."""
+               code_values: Buffer, dst: Buffer, dst_dtype: int, nontemporal: bool = False,
+               /) -> None:
+    """Restore n elements of dst_dtype from codes and per-block absmax;
+    nontemporal writes float32 output past the CPU caches."""

@@ -438,3 +438,20 @@ def test_cast_bypassing_the_cache_writes_the_same_bits(native, src_dtype, dst_dt
     out = buffer[skew:skew + n]
     native.cast(src, CODE[src_dtype], out, CODE[dst_dtype], n, True)
     assert_same_bits(out.view(out_type), reference.cast(src, src_dtype, dst_dtype).view(out_type))
+
+
+@requires_native
+@pytest.mark.parametrize("name", ["blockwise8", "fp4", "nf4"])
+@pytest.mark.parametrize("skew", [0, 1])
+def test_dequantize_bypassing_the_cache_writes_the_same_bits(native, name, skew):
+    fmt = FORMATS[name]
+    block = 64 if fmt.bits == 4 else 256
+    rng = np.random.default_rng(11)
+    n = 64 * 1000 + 37
+    x = rng.standard_normal(n).astype(np.float32)
+    codes, absmax, _ = reference.quantize_blocks(x, "float32", fmt, block)
+    buffer = np.zeros(n + 4, np.float32)
+    out = buffer[skew:skew + n]  # skewed: not 16-byte aligned, plain stores
+    table = _kernels._TABLES[name]
+    native.dequantize(codes, absmax, n, block, fmt.bits, table.code_values, out, 0, True)
+    assert_same_bits(out, reference.dequantize_blocks(codes, absmax, n, fmt, block, "float32"))

@@ -99,12 +99,14 @@ def quantize_into(src: np.ndarray, dtype: str, fmt: Format, block_size: int,
 
 
 def dequantize_into(codes: np.ndarray, absmax: np.ndarray, count: int, fmt: Format,
-                    block_size: int, out: np.ndarray, dtype: str) -> None:
-    """Restore ``count`` elements into ``out`` (held as ``dtype``)."""
+                    block_size: int, out: np.ndarray, dtype: str, *,
+                    bypass_cache: bool = False) -> None:
+    """Restore ``count`` elements into ``out`` (held as ``dtype``);
+    ``bypass_cache`` as for :func:`cast_into`."""
     if _native is not None:
         t = _TABLES[fmt.name]
         _native.dequantize(codes, absmax, count, block_size, t.bits, t.code_values,
-                           out, DTYPE_CODES[dtype])
+                           out, DTYPE_CODES[dtype], bypass_cache)
     else:
         out[...] = reference.dequantize_blocks(codes, absmax, count, fmt, block_size,
                                                dtype).view(out.dtype)

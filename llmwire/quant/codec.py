@@ -357,7 +357,8 @@ def decode_slice(spec: TensorSpec, parts: Sequence[np.ndarray], out: np.ndarray,
         absmax = _restore_absmax(parts[1], parts[2], parts[3])
     else:
         absmax = parts[1]
-    _kernels.dequantize_into(parts[0], absmax, count, fmt, spec.block_size, out, spec.dtype)
+    _kernels.dequantize_into(parts[0], absmax, count, fmt, spec.block_size, out, spec.dtype,
+                             bypass_cache=bypass_cache)
 
 
 _pool: ThreadPoolExecutor | None = None
