@@ -20,12 +20,16 @@ from .quant import (
     quantize_state_dict,
 )
 from .errors import (
-    LlmwireError, LocalProtocolError, NonFiniteError, ProtocolError, QuantizationError,
-    RemoteProtocolError,
+    LlmwireError, LocalProtocolError, ManifestError, NonFiniteError, PayloadError,
+    ProtocolError, QuantizationError, RemoteProtocolError, TargetMismatch,
     AuthenticationError, BadPreface, ChecksumMismatch, ConnectionClosed, ConnectionLost,
     FlowControlError, FrameError, FrameTooLarge, HandshakeError, IntegrityError,
     MalformedFrame, PeerError, PeerTimeout, StreamCancelled, StreamClosedError,
     StreamError, StreamTimeout, UnknownFrameType, VersionMismatch,
+)
+from .payloads import (
+    InPlaceSink, Manifest, MemorySink, SafetensorsSink, StateDictSink, TransferResult,
+    iter_state_dict, plan_state_dict, receive_state_dict, send_state_dict,
 )
 from .protocol import Settings
 from .transport import (
@@ -60,4 +64,8 @@ __all__ = [
     "StreamClosedError", "StreamError", "StreamTimeout", "UnknownFrameType",
     "VersionMismatch", "Settings", "Message", "RecvStream", "SendStream", "Server",
     "Transport", "connect", "connect_unix", "memory_pair", "run", "serve", "serve_unix",
+    # payloads
+    "PayloadError", "ManifestError", "TargetMismatch", "InPlaceSink", "Manifest",
+    "MemorySink", "SafetensorsSink", "StateDictSink", "TransferResult", "iter_state_dict",
+    "plan_state_dict", "receive_state_dict", "send_state_dict",
 ]

@@ -26,7 +26,7 @@ EXIT_ERROR = 1  # an LlmwireError or an OS error: the message says which
 EXIT_USAGE = 2  # bad command line (argparse's own convention)
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
-_BENCHES = ("quant", "wire")
+_BENCHES = ("quant", "wire", "stream")
 
 _EPILOG = """\
 examples:

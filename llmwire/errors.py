@@ -30,10 +30,14 @@ Where callers would reasonably catch a builtin, the error mixes it in.
     │   ├── StreamTimeout (TimeoutError)     no progress for progress_timeout
     │   ├── StreamClosedError *
     │   └── IntegrityError *
-    └── ConnectionClosed                     connection scope: it is over
-        ├── PeerError                        the peer sent ERROR (code, reason)
-        ├── PeerTimeout (TimeoutError)       nothing heard for idle_timeout
-        └── ConnectionLost (ConnectionError) transport gone (e.g. mid-frame)
+    ├── ConnectionClosed                     connection scope: it is over
+    │   ├── PeerError                        the peer sent ERROR (code, reason)
+    │   ├── PeerTimeout (TimeoutError)       nothing heard for idle_timeout
+    │   └── ConnectionLost (ConnectionError) transport gone (e.g. mid-frame)
+    └── PayloadError                         payload scope: one object, state
+        │                                    dict or file transfer failed
+        ├── ManifestError (RemoteProtocolError)  peer's manifest invalid
+        └── TargetMismatch (ValueError)      receiving tensors do not fit
 
     * listed twice: both a remote violation and a stream-scoped failure.
 
@@ -58,7 +62,7 @@ __all__ = [
     "HandshakeError", "BadPreface", "VersionMismatch", "AuthenticationError",
     "FlowControlError", "StreamError", "StreamClosedError", "IntegrityError",
     "StreamCancelled", "StreamTimeout", "ConnectionClosed", "PeerError",
-    "PeerTimeout", "ConnectionLost",
+    "PeerTimeout", "ConnectionLost", "PayloadError", "ManifestError", "TargetMismatch",
 ]
 
 
@@ -228,3 +232,25 @@ class PeerTimeout(ConnectionClosed, TimeoutError):
 
 class ConnectionLost(ConnectionClosed, ConnectionError):
     """The byte stream ended without a GOAWAY (for instance in the middle of a frame)."""
+
+
+class PayloadError(LlmwireError):
+    """A payload (object, state dict or file) could not be sent or received.
+
+    The stream that carried it is over (cancelled if it was still open); the
+    connection and its other streams go on. Nothing is presented as complete:
+    no dict is returned, no file is renamed into place.
+    """
+
+
+class ManifestError(PayloadError, RemoteProtocolError):
+    """The peer's description of a payload (a state-dict manifest, an object
+    or file header) is malformed, inconsistent or over a limit. Raised before
+    any of the payload's data is written anywhere."""
+
+
+class TargetMismatch(PayloadError, ValueError):
+    """The tensors asked to receive a state dict in place do not fit what the
+    sender announced (a missing or unexpected name, another shape or dtype).
+    Raised after the manifest and before any tensor is touched."""
+

@@ -313,10 +313,10 @@ class Connection:
         # Payload buffers are reused once the consumer has dropped every view
         # of them: fresh 1 MiB buffers cost page faults on every frame.
         self._pool: list[bytearray] = []
-        # A prompt consumer needs two or three; more are allocated (not kept)
-        # while a consumer holds on to chunks.
-        self._pool_cap = min(8, 2 + self.settings.connection_window
-                             // self.settings.max_frame_payload)
+        # A prompt consumer needs two or three; one that lets the window fill
+        # up (it is decoding, or writing to disk) needs one per frame of the
+        # window: keep that many, so steady streaming allocates nothing.
+        self._pool_cap = 2 + self.settings.connection_window // self.settings.max_frame_payload
         self._out.append(self._preface)
 
     # ------------------------------------------------------------ public: output

@@ -1,0 +1,14 @@
+"""Payloads: objects, state dicts (container streaming) and files, over a
+:class:`~llmwire.Transport`; sinks that place what arrives."""
+
+from .manifest import Entry, Manifest
+from .sinks import InPlaceSink, MemorySink, SafetensorsSink, StateDictSink
+from .statedict import (
+    TransferResult, iter_state_dict, plan_state_dict, receive_state_dict, send_state_dict,
+)
+
+__all__ = [
+    "Entry", "Manifest", "InPlaceSink", "MemorySink", "SafetensorsSink", "StateDictSink",
+    "TransferResult", "iter_state_dict", "plan_state_dict", "receive_state_dict",
+    "send_state_dict",
+]
