@@ -29,7 +29,8 @@ from .errors import (
 )
 from .payloads import (
     InPlaceSink, Manifest, MemorySink, SafetensorsSink, StateDictSink, TransferResult,
-    iter_state_dict, plan_state_dict, receive_state_dict, send_state_dict,
+    iter_state_dict, plan_state_dict, receive_object, receive_state_dict, send_object,
+    send_state_dict,
 )
 from .protocol import Settings
 from .transport import (
@@ -67,5 +68,6 @@ __all__ = [
     # payloads
     "PayloadError", "ManifestError", "TargetMismatch", "InPlaceSink", "Manifest",
     "MemorySink", "SafetensorsSink", "StateDictSink", "TransferResult", "iter_state_dict",
-    "plan_state_dict", "receive_state_dict", "send_state_dict",
+    "plan_state_dict", "receive_state_dict", "send_state_dict", "receive_object",
+    "send_object",
 ]

@@ -2,6 +2,7 @@
 :class:`~llmwire.Transport`; sinks that place what arrives."""
 
 from .manifest import Entry, Manifest
+from .objects import pack_object, receive_object, send_object, unpack_object
 from .sinks import InPlaceSink, MemorySink, SafetensorsSink, StateDictSink
 from .statedict import (
     TransferResult, iter_state_dict, plan_state_dict, receive_state_dict, send_state_dict,
@@ -10,5 +11,5 @@ from .statedict import (
 __all__ = [
     "Entry", "Manifest", "InPlaceSink", "MemorySink", "SafetensorsSink", "StateDictSink",
     "TransferResult", "iter_state_dict", "plan_state_dict", "receive_state_dict",
-    "send_state_dict",
+    "send_state_dict", "pack_object", "receive_object", "send_object", "unpack_object",
 ]
