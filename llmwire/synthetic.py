@@ -14,7 +14,8 @@ import numpy as np
 from .errors import LlmwireError
 from .tensors import torch_module
 
-__all__ = ["DISTRIBUTIONS", "llama_shapes", "llama_state_dict", "parse_size"]
+__all__ = ["DISTRIBUTIONS", "llama_shapes", "llama_state_dict", "make_state_dict", "parse_size",
+           "single_tensor_state_dict"]
 
 _WIDTHS = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 2560, 3072, 4096, 5120, 8192)
 
@@ -100,6 +101,27 @@ def _student_t(torch: Any, shape: tuple[int, ...], generator: Any) -> Any:
     normal = torch.randn(shape, generator=generator)
     chi2 = torch.randn((3, *shape), generator=generator).square_().sum(0)
     return normal.div_(chi2.div_(3).sqrt_())
+
+
+def single_tensor_state_dict(params: int, *, seed: int = 0) -> dict[str, Any]:
+    """One float32 matrix of about ``params`` elements (rows of 4096): the
+    case of a single huge tensor, such as a large embedding."""
+    torch = torch_module()
+    rows = max(1, params // 4096)
+    if torch is None:
+        rng = np.random.default_rng(seed)
+        return {"weight": rng.standard_normal((rows, 4096), dtype=np.float32) * np.float32(0.02)}
+    generator = torch.Generator().manual_seed(seed)
+    return {"weight": torch.randn((rows, 4096), generator=generator).mul_(0.02)}
+
+
+def make_state_dict(model: str, params: int, *, seed: int = 0) -> dict[str, Any]:
+    """``model`` is ``llama`` (a Llama-shaped dict) or ``single`` (one tensor)."""
+    if model == "single":
+        return single_tensor_state_dict(params, seed=seed)
+    if model == "llama":
+        return llama_state_dict(params, seed=seed)
+    raise LlmwireError(f"model must be 'llama' or 'single', got {model!r}")
 
 
 _SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9,
