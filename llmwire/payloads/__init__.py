@@ -1,0 +1,1 @@
+"""Payloads: what travels on streams (objects, state dicts, files)."""
