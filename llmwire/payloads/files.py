@@ -72,6 +72,7 @@ _MAX_NAME_BYTES = 4096
 _MAX_PART_BYTES = 255
 _MAX_CONTROL = 64 * 1024          # control messages carry everything in their header
 _ABORT_WAIT = 10.0                # seconds to wait for the peer's file-abort reason
+_UNMAP_TRIES = 100                # loop turns to wait for the last views of a map
 _HASH_BLOCK = 4 * MiB             # read size when hashing a resumed prefix
 _SIDECAR_VERSION = 1
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
@@ -235,6 +236,29 @@ async def _hash_prefix_in_thread(fd: int, length: int, hasher: Any) -> None:
         await asyncio.to_thread(_hash_prefix, os.dup(fd), length, hasher)
 
 
+async def _unmap(mm: mmap.mmap) -> None:
+    """Close ``mm``, giving the event loop a few turns to drop its last views.
+
+    uvloop releases a written buffer in its write-completion callback, which
+    can run one loop iteration after ``send()`` returned. If views remain
+    after that, the pages are dropped from RSS with MADV_DONTNEED and the map
+    is unmapped when the views are collected.
+    """
+    try:
+        for _ in range(_UNMAP_TRIES):
+            try:
+                mm.close()
+                return
+            except BufferError:
+                await asyncio.sleep(0)
+    finally:
+        if not mm.closed:
+            try:
+                mm.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):
+                pass
+
+
 async def _send_range(stream: SendStream, fd: int, name: str, start: int, size: int,
                       window: int, chunk: int, hasher: Any, progress: Progress | None) -> int:
     """Send bytes [start, size) of ``fd`` as slices of windowed maps; return bytes sent."""
@@ -262,12 +286,9 @@ async def _send_range(stream: SendStream, fd: int, name: str, start: int, size: 
             # The failed send()'s finished frames still hold views of the map
             # (in the traceback); drop their locals so the map can be closed now.
             traceback.clear_frames(exc.__traceback__)
-            try:
-                mm.close()
-            except BufferError:  # still referenced elsewhere: unmapped once collected
-                pass
+            await _unmap(mm)
             raise
-        mm.close()  # unmapped: its pages leave our RSS before the next window
+        await _unmap(mm)  # its pages leave our RSS before the next window is mapped
     return pos - start
 
 
