@@ -640,3 +640,33 @@ def test_streaming_docs_example_runs(tmp_path, capsys, monkeypatch):
     exec(compile(code, "docs/streaming.md", "exec"), {"__name__": "example"})
     out = capsys.readouterr().out
     assert "resumed from 0" in out and "identical: True" in out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_background_checkpoints_then_resume(kind, dirs, monkeypatch):
+    """The sidecar follows the data (every CHECKPOINT_BYTES) while it flows."""
+    tmp, src, dest = dirs
+    monkeypatch.setattr(files, "CHECKPOINT_BYTES", 256 * 1024)
+    size = 20 * MiB
+    path = make_file(src / "x", size)
+    records = []
+    real_replace = os.replace
+
+    def replace(a, b, *args, **kw):
+        if str(b).endswith(".part.json"):
+            records.append(json.loads(pathlib.Path(a).read_text())["offset"])
+        return real_replace(a, b, *args, **kw)
+    monkeypatch.setattr(files.os, "replace", replace)
+    sent, got = _interrupted_transfer(kind, tmp, path, dest, at=8 * MiB)
+    assert isinstance(got, TransferInterrupted), got
+    # the opening record, periodic ones, the final (durable) one
+    assert len(records) > 10 and records == sorted(records) and records[-1] == got.offset
+    assert 0 < records[1] < got.offset
+
+    async def again(c, s):
+        return await both(send_file(c, path), receive_file(s, dest))
+
+    sent2, got2 = arun(with_pair(kind, tmp, again))
+    assert got2.resumed_from == got.offset
+    assert (dest / "x").read_bytes() == path.read_bytes()
+    assert listing(dest) == ["x"]

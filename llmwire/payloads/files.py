@@ -61,7 +61,7 @@ MiB = 1 << 20
 DEFAULT_WINDOW = 64 * MiB
 #: bytes per ``send()`` call: one memoryview slice of the current window
 DEFAULT_CHUNK = 4 * MiB
-#: the receiver fsyncs ``.part`` and records the offset at least this often
+#: the receiver records its offset in the sidecar this often (not fsynced: see _Part.checkpoint)
 CHECKPOINT_BYTES = 64 * MiB
 #: suffixes of the in-progress file and of its sidecar (names ending so are refused)
 PART_SUFFIX = ".part"
@@ -414,7 +414,7 @@ class _Part:
         self.sidecar = final + SIDECAR_SUFFIX
         self.offer = offer
         self.fd = -1
-        self.checkpointed = -1
+        self.checkpointed = -1          # offset the sidecar records
 
     def resumable_offset(self) -> int:
         """The verified offset a matching sidecar records, or 0."""
@@ -444,9 +444,18 @@ class _Part:
                           0o644)
         os.ftruncate(self.fd, offset)  # keep the verified prefix, drop anything past it
 
-    def checkpoint(self, offset: int) -> None:
-        """fsync ``.part``, then record ``offset`` in the sidecar (tmp + rename)."""
-        os.fsync(self.fd)
+    def checkpoint(self, offset: int, durable: bool = True) -> None:
+        """Record ``offset`` in the sidecar (temporary name, then rename).
+
+        Durable: fsync ``.part`` first, and the sidecar and directory after,
+        so the record never claims bytes that are not on disk. Not durable
+        (periodic, while data flows): the record survives a killed receiver
+        (the page cache does too); after a power loss it may claim bytes that
+        were lost, which the whole-file digest then catches (the transfer
+        fails and starts over), never a wrong file presented as complete.
+        """
+        if durable:
+            os.fsync(self.fd)
         record = {"version": _SIDECAR_VERSION, "offset": offset, **{
             k: self.offer[k] for k in ("id", "name", "size", "mtime_ns")}}
         tmp = self.final + _SIDECAR_TMP_SUFFIX
@@ -455,11 +464,13 @@ class _Part:
                      0o644)
         try:
             _pwrite_all(fd, json.dumps(record).encode(), 0)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, self.sidecar)
-        _fsync_dir(os.path.dirname(self.final))
+        if durable:
+            _fsync_dir(os.path.dirname(self.final))
         self.checkpointed = offset
 
     def close(self) -> None:
@@ -632,7 +643,7 @@ async def receive_file(transport: Transport, directory: str | os.PathLike[str], 
             del chunk
             pos += n
             if pos - part.checkpointed >= CHECKPOINT_BYTES:
-                part.checkpoint(pos)
+                part.checkpoint(pos, durable=False)
             if progress is not None:
                 progress(pos, size)
         if pos != size:
@@ -646,7 +657,7 @@ async def receive_file(transport: Transport, directory: str | os.PathLike[str], 
             assert hasher is not None
             actual = hasher.hexdigest()
         done = await _receive_control(transport, name, fid, ("file-done",))
-    except IntegrityError as exc:
+    except IntegrityError:
         # The transport's stream digest failed: some received bytes are bad.
         part.discard()
         await _finish_failed(transport, name, fid, "stream digest mismatch")
