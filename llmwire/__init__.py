@@ -22,12 +22,15 @@ from .quant import (
 from .errors import (
     LlmwireError, LocalProtocolError, ManifestError, NonFiniteError, PayloadError,
     ProtocolError, QuantizationError, RemoteProtocolError, TargetMismatch,
+    FileIntegrityError, FileTransferError, FileWriteError, SourceChanged, TargetExists,
+    TransferInterrupted, TransferRefused, UnsafeFileName,
     AuthenticationError, BadPreface, ChecksumMismatch, ConnectionClosed, ConnectionLost,
     FlowControlError, FrameError, FrameTooLarge, HandshakeError, IntegrityError,
     MalformedFrame, PeerError, PeerTimeout, StreamCancelled, StreamClosedError,
     StreamError, StreamTimeout, UnknownFrameType, VersionMismatch,
 )
 from .payloads import (
+    FileResult, receive_file, send_file,
     InPlaceSink, Manifest, MemorySink, SafetensorsSink, StateDictSink, TransferResult,
     iter_state_dict, plan_state_dict, receive_object, receive_state_dict, send_object,
     send_state_dict,
@@ -69,5 +72,7 @@ __all__ = [
     "PayloadError", "ManifestError", "TargetMismatch", "InPlaceSink", "Manifest",
     "MemorySink", "SafetensorsSink", "StateDictSink", "TransferResult", "iter_state_dict",
     "plan_state_dict", "receive_state_dict", "send_state_dict", "receive_object",
-    "send_object",
+    "send_object", "FileResult", "receive_file", "send_file", "FileIntegrityError",
+    "FileTransferError", "FileWriteError", "SourceChanged", "TargetExists",
+    "TransferInterrupted", "TransferRefused", "UnsafeFileName",
 ]

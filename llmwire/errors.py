@@ -30,6 +30,7 @@ Where callers would reasonably catch a builtin, the error mixes it in.
     │   ├── StreamTimeout (TimeoutError)     no progress for progress_timeout
     │   ├── StreamClosedError *
     │   └── IntegrityError *
+    │       └── FileIntegrityError **        whole-file digest differs
     ├── ConnectionClosed                     connection scope: it is over
     │   ├── PeerError                        the peer sent ERROR (code, reason)
     │   ├── PeerTimeout (TimeoutError)       nothing heard for idle_timeout
@@ -37,9 +38,21 @@ Where callers would reasonably catch a builtin, the error mixes it in.
     └── PayloadError                         payload scope: one object, state
         │                                    dict or file transfer failed
         ├── ManifestError (RemoteProtocolError)  peer's manifest invalid
-        └── TargetMismatch (ValueError)      receiving tensors do not fit
+        ├── TargetMismatch (ValueError)      receiving tensors do not fit
+        └── FileTransferError                file payload: one file failed (.name);
+            │                                raised itself when the peer broke the
+            │                                file protocol
+            ├── TransferRefused              the receiver refused the offer (.reason)
+            │   ├── UnsafeFileName (ValueError)  absolute, "..", NUL, escaping name
+            │   └── TargetExists (FileExistsError)   final file exists, no overwrite
+            ├── TransferInterrupted          cancel or lost connection mid-file;
+            │                                .part kept for resume (.offset)
+            ├── FileWriteError (OSError)     receiver's disk write failed (ENOSPC)
+            ├── SourceChanged                the sent file changed under the sender
+            └── FileIntegrityError **
 
     * listed twice: both a remote violation and a stream-scoped failure.
+    ** listed twice: an IntegrityError and a FileTransferError.
 
 Every RemoteProtocolError except the two starred ones fails the whole
 connection: the sans-I/O :class:`~llmwire.protocol.Connection` is then in
@@ -63,6 +76,8 @@ __all__ = [
     "FlowControlError", "StreamError", "StreamClosedError", "IntegrityError",
     "StreamCancelled", "StreamTimeout", "ConnectionClosed", "PeerError",
     "PeerTimeout", "ConnectionLost", "PayloadError", "ManifestError", "TargetMismatch",
+    "FileTransferError", "TransferRefused", "UnsafeFileName", "TargetExists",
+    "TransferInterrupted", "FileWriteError", "SourceChanged", "FileIntegrityError",
 ]
 
 
@@ -254,3 +269,89 @@ class TargetMismatch(PayloadError, ValueError):
     sender announced (a missing or unexpected name, another shape or dtype).
     Raised after the manifest and before any tensor is touched."""
 
+
+# --- file payload (docs/streaming.md, llmwire/payloads/files.py) --------------
+
+class FileTransferError(PayloadError):
+    """One file transfer failed; the connection goes on (unless it is what failed).
+
+    Subclasses say why. Raised itself when the peer broke the file protocol
+    (an unexpected message, more bytes than offered). Nothing is ever left at
+    the final name unless its whole-file digest matched.
+    """
+
+    name: str | None = None
+
+
+class TransferRefused(FileTransferError):
+    """The receiver refused a file offer (``name``, ``reason``); nothing was written.
+
+    ``send_file`` raises it with the receiver's reason; ``receive_file`` raises
+    it (or the subclass saying why) after telling the sender.
+    """
+
+    def __init__(self, name: str | None, reason: str) -> None:
+        self.name, self.reason = name, reason
+        super().__init__(f"file {name!r} refused: {reason}")
+
+
+class UnsafeFileName(TransferRefused, ValueError):
+    """The offered name is absolute, has ``..``/empty/``.`` parts, NUL or control
+    characters, a drive prefix, or resolves (through symlinks) outside the
+    target directory. Nothing was written."""
+
+
+class TargetExists(TransferRefused, FileExistsError):
+    """The final file exists and ``overwrite`` was not asked for. Nothing was written."""
+
+
+class TransferInterrupted(FileTransferError):
+    """The file stream was cancelled (by either side) or the connection was lost.
+
+    On the receiver, ``<name>.part`` and ``<name>.part.json`` hold the first
+    ``offset`` bytes (fsynced): sending the same file again resumes there. On
+    the sender, ``offset`` is how far it had sent. ``reason`` says what happened.
+    """
+
+    def __init__(self, name: str | None, offset: int, reason: str) -> None:
+        self.name, self.offset, self.reason = name, offset, reason
+        super().__init__(f"transfer of {name!r} interrupted at byte {offset}: {reason}")
+
+
+class FileWriteError(FileTransferError, OSError):
+    """The receiver could not write the file (disk full, I/O error...).
+
+    ``errno``, ``strerror`` and ``filename`` are the OSError's. The stream was
+    cancelled (the sender gets TransferInterrupted with this reason). The
+    ``.part`` is kept for resume when its checkpoint could still be written,
+    otherwise it and its sidecar are removed.
+    """
+
+    def __init__(self, name: str | None, error: OSError) -> None:
+        self.name = name
+        super().__init__(error.errno, f"cannot write received file {name!r}: "
+                                      f"{error.strerror or error}", error.filename)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class SourceChanged(FileTransferError):
+    """The file being sent changed size while it was sent (the stream was cancelled)."""
+
+    def __init__(self, name: str | None, reason: str) -> None:
+        self.name = name
+        super().__init__(f"file {name!r} changed while being sent: {reason}")
+
+
+class FileIntegrityError(IntegrityError, FileTransferError):
+    """The whole-file xxh3-128 digests of sender and receiver differ.
+
+    Raised on both sides. The receiver removed ``<name>.part`` and its sidecar
+    (the data is bad); nothing is at the final name.
+    """
+
+    def __init__(self, stream_id: int, name: str | None, expected: str, actual: str) -> None:
+        self.name = name
+        super().__init__(stream_id, expected, actual)
+        self.args = (f"file {name!r}: " + self.args[0],)
