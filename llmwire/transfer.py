@@ -378,6 +378,8 @@ def _plan(paths: list[str], as_file: bool) -> list[_Item]:
         if not os.access(path, os.R_OK):
             raise CliError(f"{path}: permission denied", EXIT_ERROR)
         loader = None if as_file else state_dict_kind(path)
+        if loader == "safetensors":
+            load_safetensors_lazily(path)  # refuse a bad file before connecting (cheap: a map)
         items.append(_Item(path, "state_dict" if loader else "file", loader))
     return items
 
@@ -425,9 +427,24 @@ async def _send_one_file(transport: Any, item: _Item, progress: _Progress) -> di
             "format": "file", "resumed_from": result.resumed_from, "digest": result.digest}
 
 
+def _quiet_expected_errors() -> None:
+    """Errors the command reports itself (a handshake that timed out, a lost
+    connection) must not also print "Task exception was never retrieved"."""
+    loop = asyncio.get_running_loop()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if isinstance(context.get("exception"), (LlmwireError, OSError)):
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+
+
 async def _send_all(args: argparse.Namespace, secret: bytes, items: list[_Item],
                     report: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
     from .transport import connect
+
+    _quiet_expected_errors()
 
     host, port = args.to
     try:
@@ -629,6 +646,7 @@ class _StderrLines(logging.Handler):
 async def _serve(args: argparse.Namespace, secret: bytes, root: str) -> list[dict[str, Any]]:
     from .transport import serve
 
+    _quiet_expected_errors()
     host, port = args.listen
     receiver = _Receiver(args, root)
     try:
