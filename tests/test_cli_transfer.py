@@ -161,7 +161,8 @@ def test_recv_once_json_and_refusals(tmp_path: Path) -> None:
         proc = cli("send", str(src), "--to", r.address, "--json")
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout)["kind"] == "file"
-        code, out, err = r.stop()
+        out, err = r.proc.communicate(timeout=TIMEOUT)  # --once: it exits by itself
+        code = r.proc.returncode
     finally:
         if r.proc.poll() is None:
             r.proc.kill()
