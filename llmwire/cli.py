@@ -36,7 +36,7 @@ examples:
   llmwire recv --listen 0.0.0.0:7070 --out incoming/
   llmwire send model.safetensors --to HOST:7070 --quantize nf4
   llmwire send data.tar --to HOST:7070  run it again after a failure: it resumes
-  llmwire demo                          quantize a built-in 25M-parameter model in every format
+  llmwire demo                          send a built-in 25M-parameter model in every format
   llmwire demo --params 100M --formats nf4,fp16
   llmwire bench quant --params 100M     speed, size and error of each format
   llmwire bench quant --json            the same as one JSON list
