@@ -208,7 +208,7 @@ class _Progress:
                 self._enabled = False
             else:
                 self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                                 desc=self._label, file=sys.stderr, leave=True,
+                                 desc=self._label, file=sys.stderr, leave=False,
                                  initial=done if self._last == 0 else 0)
                 self._last = done
         if self._bar is not None:
@@ -472,15 +472,15 @@ async def _send_all(args: argparse.Namespace, secret: bytes, items: list[_Item],
 
 def _text_line(row: dict[str, Any], verb: str) -> str:
     size = row["bytes"]
-    extra = ""
+    parts = [f"{size / 2**20:.1f} MiB"]
     if row["kind"] == "state_dict":
-        extra = (f", {row['format']}, {row['wire_bytes'] / 2**20:.1f} MiB on the wire "
-                 f"({row['wire_bytes'] / max(size, 1) * 100:.1f}%)")
+        parts.append(f"state dict as {row['format']}, {row['wire_bytes'] / 2**20:.1f} MiB on "
+                     f"the wire ({row['wire_bytes'] / max(size, 1) * 100:.1f}%)")
     elif row.get("resumed_from"):
-        extra = f", resumed from byte {row['resumed_from']}"
+        parts.append(f"resumed from byte {row['resumed_from']}")
     secs = row.get("seconds") or 0.0
-    rate = f", {size / secs / 1e9:.2f} GB/s" if secs > 0 else ""
-    return f"{verb} {row['path']} ({size / 2**20:.1f} MiB{extra}) in {secs:.2f}s{rate}"
+    parts.append(f"{secs:.2f}s" + (f", {size / secs / 1e9:.2f} GB/s" if secs > 0 else ""))
+    return f"{verb} {row['path']}: " + ", ".join(parts)
 
 
 def run_send(args: argparse.Namespace) -> int:
