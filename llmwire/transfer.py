@@ -21,7 +21,7 @@ import struct
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import xxhash
 
@@ -144,7 +144,7 @@ def add_send_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--as-file", action="store_true",
                         help="send state-dict files byte for byte, as plain files")
     parser.add_argument("--limit-rate", type=parse_rate, metavar="RATE",
-                        help="send at most RATE bytes per second, e.g. 50M")
+                        help="put at most RATE bytes per second on the wire, e.g. 50M")
     parser.add_argument("--timeout", type=float, default=30.0, metavar="S",
                         help="seconds to wait for the connection and handshake (default: 30)")
     _add_common(parser)
@@ -693,11 +693,3 @@ def run_recv(args: argparse.Namespace) -> int:
     if args.json and args.once:
         print(json.dumps(landed[0] if len(landed) == 1 else {"transfers": landed}))
     return 0
-
-
-def iter_exit_codes() -> Iterator[tuple[int, str]]:
-    """(status, meaning) for docs and help."""
-    yield from ((0, "success"), (EXIT_ERROR, "other error"), (EXIT_USAGE, "usage"),
-                (EXIT_CONNECTION, "connection"), (EXIT_AUTH, "wrong secret"),
-                (EXIT_REFUSED, "refused by the receiver"), (EXIT_INTEGRITY, "integrity"),
-                (130, "interrupted"))
