@@ -41,6 +41,9 @@ examples:
   llmwire bench quant --params 100M     speed, size and error of each format
   llmwire bench quant --json            the same as one JSON list
   llmwire info                          version and which kernels are in use
+
+exit status: 0 ok, 1 error, 2 usage, 3 connection, 4 wrong secret, 5 refused by
+the receiver, 6 integrity, 130 interrupted (docs/cli.md)
 """
 
 
@@ -107,7 +110,7 @@ def _build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_arguments(demo_parser)
 
-    bench = commands.add_parser("bench", help="benchmarks (quant, wire)",
+    bench = commands.add_parser("bench", help="benchmarks (quant, wire, stream)",
                                 description="Benchmarks; each prints medians of repeated runs "
                                             "and ratios against a baseline measured in the "
                                             "same run.")
