@@ -305,3 +305,26 @@ def test_help_shows_examples() -> None:
         proc = cli(*args, "--help")
         assert proc.returncode == 0
         assert "examples:" in proc.stdout, args
+
+
+def test_killed_state_dict_sender_leaves_nothing(tmp_path: Path, receiver: Receiver) -> None:
+    src = tmp_path / "w.safetensors"
+    state = {"w": torch.randn(4 << 20)}  # 16 MiB
+    safetensors_torch.save_file(state, str(src))
+    sender = subprocess.Popen([sys.executable, "-m", "llmwire", "send", str(src), "--to",
+                               receiver.address, "--limit-rate", "8M"], cwd=ROOT, env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    part = receiver.out / "w.safetensors.part"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not part.exists():
+        time.sleep(0.05)
+    time.sleep(0.3)
+    sender.kill()
+    sender.communicate(timeout=TIMEOUT)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and part.exists():
+        time.sleep(0.05)
+    assert not part.exists() and not (receiver.out / "w.safetensors").exists()
+    proc = cli("send", str(src), "--to", receiver.address, "--json")  # still serving
+    assert proc.returncode == 0, proc.stderr
+    _check_tensors(json.loads(proc.stdout)["remote_path"], state, "fp32")
