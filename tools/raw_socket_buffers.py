@@ -7,7 +7,11 @@ sender's and the receiver's buffer either a reused 4 MiB chunk or a 1 GiB
 array (already touched), three runs each. Shows what moving real memory,
 rather than a cache-hot buffer, costs the plain socket baseline.
 """
-import socket, os, time, multiprocessing as mp, numpy as np, sys
+import multiprocessing as mp
+import socket
+import time
+
+import numpy as np
 N = 1 << 30; C = 4 << 20
 def recv(conn, big):
     srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1); conn.send(srv.getsockname()[1])

@@ -32,7 +32,7 @@ from typing import Any
 from ..synthetic import parse_size
 from ._rss import RssSampler
 from ._timing import format_table
-from .wire import _one_run, _raw_receiver, _raw_sender
+from .wire import _one_run, _raw_receiver, _raw_sender, accept_one
 
 SECRET = b"bench-stream"
 MIB = 1 << 20
@@ -58,16 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _raw_model_receiver(conn: Any, nbytes: int, chunk: int) -> None:
     """Raw socket into a model-sized, already touched buffer (``recv_into``)."""
-    import socket
-
     import numpy as np
 
     target = np.ones(nbytes, np.uint8)
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-    conn.send(srv.getsockname()[1])
-    sock, _ = srv.accept()
+    sock, srv = accept_one(conn)
     view, got = memoryview(target), 0
     while got < nbytes:
         n = sock.recv_into(view[got:], min(nbytes - got, chunk))
