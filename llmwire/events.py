@@ -44,10 +44,15 @@ class StreamOpened(Event):
 
 @dataclass(frozen=True, slots=True)
 class DataReceived(Event):
-    """Bytes arrived on a stream. Call ``Connection.consumed`` once they are used."""
+    """Bytes arrived on a stream. Call ``Connection.consumed`` once they are used.
+
+    ``posted``: ``data`` is a view of the buffer given to
+    ``Connection.post_buffer`` (the bytes landed there, no copy was made).
+    """
 
     stream_id: StreamId
     data: memoryview
+    posted: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -216,7 +216,7 @@ def _check_advertised(values: Mapping[str, Any], exc: type[Exception]) -> None:
 
 class _Stream:
     __slots__ = ("id", "side", "state", "credit", "window", "unacked", "hasher",
-                 "length", "progress_at")
+                 "length", "progress_at", "posted")
 
     def __init__(self, stream_id: int, side: StreamSide, now: float) -> None:
         self.id = stream_id
@@ -228,6 +228,7 @@ class _Stream:
         self.hasher = xxhash.xxh3_128()
         self.length = 0
         self.progress_at = now
+        self.posted: memoryview | None = None  # receiver: where DATA lands next
 
 
 def _error_code(exc: BaseException) -> int | None:
@@ -310,6 +311,9 @@ class Connection:
         self._payload_header: fr.FrameHeader | None = None
         self._filled = 0
         self._expect_large = False
+        # The payload being received lands in a posted buffer of this stream
+        # (None: in a pool buffer or the scratch buffer).
+        self._payload_posted: _Stream | None = None
         # Payload buffers are reused once the consumer has dropped every view
         # of them: fresh 1 MiB buffers cost page faults on every frame.
         self._pool: list[bytearray] = []
@@ -317,6 +321,7 @@ class Connection:
         # up (it is decoding, or writing to disk) needs one per frame of the
         # window: keep that many, so steady streaming allocates nothing.
         self._pool_cap = 2 + self.settings.connection_window // self.settings.max_frame_payload
+        self._posting = 0  # streams with a posted buffer
         self._out.append(self._preface)
 
     # ------------------------------------------------------------ public: output
@@ -389,10 +394,12 @@ class Connection:
                 if self._filled == len(self._payload_view):
                     header = self._payload_header
                     payload = self._payload_view
+                    posted = self._payload_posted
                     self._payload = self._payload_view = self._payload_header = None
+                    self._payload_posted = None
                     self._filled = 0
                     assert header is not None
-                    self._handle_frame(header, payload)
+                    self._handle_frame(header, payload, posted)
                     del payload
                 return
             self._end += nbytes
@@ -581,6 +588,59 @@ class Connection:
         if self._conn_unacked >= self.settings.connection_window // _GRANT_DIVISOR:
             self._grant_connection()
 
+    def post_buffer(self, stream_id: StreamId | int, buffer: Buffer) -> None:
+        """Receive the next DATA payloads of ``stream_id`` straight into ``buffer``.
+
+        ``buffer`` is any writable C-contiguous buffer. Each following DATA
+        frame of the stream whose payload fits in the rest of the buffer
+        lands there, frame after frame from its start, without a copy; its
+        checksum is verified there, and it comes out as
+        ``DataReceived(stream_id, view, posted=True)`` where ``view`` is the
+        part of ``buffer`` it filled. Credit is not returned for it until
+        :meth:`consumed` is called, as for any DATA.
+
+        The posting ends when the buffer is full, when a DATA frame of the
+        stream does not fit in the rest (that frame and the ones after it
+        arrive in receive buffers, as without posting: copy them, then post
+        again), on :meth:`unpost_buffer`, or when the stream ends, fails or
+        is cancelled. Once it has ended the connection never writes into
+        ``buffer`` again (a payload arriving at that moment is moved to a
+        receive buffer). Posting again replaces an earlier posting.
+
+        Raises LocalProtocolError unless ``stream_id`` is an open stream we
+        receive on, or if ``buffer`` is read-only or not contiguous.
+        """
+        self._check_not_finished()
+        st = self._streams.get(stream_id)
+        if st is None or st.side is not _R or st.state is not StreamState.OPEN:
+            raise LocalProtocolError(f"stream {stream_id} is not an open receive stream")
+        mv = memoryview(buffer)
+        if mv.readonly:
+            raise LocalProtocolError("post_buffer() needs a writable buffer")
+        if not mv.c_contiguous:
+            raise LocalProtocolError("post_buffer() needs a C-contiguous buffer")
+        if mv.ndim != 1 or mv.format not in ("B", "b", "c"):
+            mv = mv.cast("B")
+        self._unpost(st)
+        if len(mv):
+            st.posted = mv
+            self._posting += 1
+
+    def unpost_buffer(self, stream_id: StreamId | int) -> None:
+        """End the posting of ``stream_id``, if any (see :meth:`post_buffer`).
+
+        Returns once the connection holds no reference to the buffer.
+        Frames already delivered from it stay delivered.
+        """
+        st = self._streams.get(stream_id)
+        if st is not None:
+            self._unpost(st)
+
+    def posted_space(self, stream_id: StreamId | int) -> int:
+        """Bytes still free in the stream's posted buffer (0: none posted)."""
+        st = self._streams.get(stream_id)
+        return 0 if st is None or st.posted is None else len(st.posted)
+
     def ping(self, payload: bytes = b"\0" * 8) -> None:
         """Send a PING (8 bytes); the answer comes as PingAcknowledged."""
         self._require_open(closing_ok=True)
@@ -651,6 +711,7 @@ class Connection:
         st.state = new
 
     def _forget(self, st: _Stream) -> None:
+        self._unpost(st)
         if self._streams.pop(st.id, None) is not None:
             if st.side is _S:
                 self._send_streams -= 1
@@ -678,7 +739,13 @@ class Connection:
 
     def _fail_all_streams(self, exc: Exception) -> None:
         for st in list(self._streams.values()):
+            st.posted = None
             self._events.append(StreamFailed(st.id, exc))
+        self._posting = 0
+        if self._payload_posted is not None:
+            # Nothing more lands anywhere; drop the reference to the caller's buffer.
+            self._payload = self._payload_view = self._payload_header = None
+            self._payload_posted = None
         self._streams.clear()
         self._send_streams = self._recv_streams = 0
 
@@ -697,6 +764,7 @@ class Connection:
 
     def _cancel_recv(self, st: _Stream, code: int, reason: str) -> None:
         self._transition(st, StreamEvent.SEND_CANCEL)
+        self._unpost(st)
         st.window = 0
         self._emit(FrameType.CANCEL, 0, st.id, fr.encode_code_reason(code, reason))
 
@@ -728,6 +796,19 @@ class Connection:
                                      self._max_payload())
             self._check_header(header)
             total = fr.HEADER_SIZE + header.length
+            if header.type is FrameType.DATA and self._posting:
+                st = self._streams.get(header.stream_id)
+                if st is not None and st.posted is not None:
+                    if len(st.posted) >= header.length and st.state is StreamState.OPEN:
+                        self._parse_posted(st, header, avail)
+                        if self.state in (ConnectionState.ERROR, ConnectionState.CLOSED):
+                            return
+                        if self._payload_view is not None:
+                            return
+                        continue
+                    # Too small for this frame: the posting ends here, the
+                    # frame goes the usual way (the consumer copies it).
+                    self._unpost(st)
             if avail >= total:
                 self._expect_large = False
                 lo = self._start + fr.HEADER_SIZE
@@ -751,6 +832,43 @@ class Connection:
                 self._payload_header = header
                 self._filled = have
             return
+
+    def _parse_posted(self, st: _Stream, header: fr.FrameHeader, avail: int) -> None:
+        """Receive the DATA frame whose header starts the scratch buffer into
+        the stream's posted buffer."""
+        assert st.posted is not None
+        target = st.posted[:header.length]
+        lo = self._start + fr.HEADER_SIZE
+        have = min(avail - fr.HEADER_SIZE, header.length)
+        target[:have] = self._scratch_view[lo:lo + have]
+        self._start += fr.HEADER_SIZE + have
+        if have == header.length:
+            self._handle_frame(header, target, st)
+            return
+        self._start = self._end = 0
+        self._expect_large = True
+        self._payload = None
+        self._payload_view = target
+        self._payload_header = header
+        self._payload_posted = st
+        self._filled = have
+
+    def _unpost(self, st: _Stream) -> None:
+        """End ``st``'s posting. A payload still arriving into it moves to a
+        pool buffer: the posted buffer is never written again."""
+        if st.posted is None:
+            return
+        st.posted = None
+        self._posting -= 1
+        if self._payload_posted is st:
+            assert self._payload_view is not None and self._payload_header is not None
+            length = self._payload_header.length
+            buf = self._payload_buffer(length)
+            view = memoryview(buf)[:length]
+            view[:self._filled] = self._payload_view[:self._filled]
+            self._payload = buf
+            self._payload_view = view
+            self._payload_posted = None
 
     def _payload_buffer(self, length: int) -> bytearray:
         size = self.settings.max_frame_payload
@@ -796,13 +914,14 @@ class Connection:
     def _is_ours(self, stream_id: int) -> bool:
         return (stream_id % 2 == 1) == (self.role is Role.CLIENT)
 
-    def _handle_frame(self, h: fr.FrameHeader, payload: Buffer) -> None:
+    def _handle_frame(self, h: fr.FrameHeader, payload: Buffer,
+                      posted: _Stream | None = None) -> None:
         actual = fr.payload_checksum(payload)
         if actual != h.checksum:
             raise ChecksumMismatch(h.stream_id, h.checksum, actual)
         t = h.type
         if t is FrameType.DATA:
-            self._on_data(h.stream_id, payload)
+            self._on_data(h.stream_id, payload, posted)
         elif t is FrameType.CREDIT:
             self._on_credit(h.stream_id, fr.parse_credit(payload))
         elif t is FrameType.OPEN:
@@ -942,7 +1061,7 @@ class Connection:
             return
         self._events.append(StreamOpened(sid, header, offset))
 
-    def _on_data(self, sid: int, payload: Buffer) -> None:
+    def _on_data(self, sid: int, payload: Buffer, posted: _Stream | None = None) -> None:
         n = len(payload)
         self._conn_window -= n
         st = self._streams.get(sid)
@@ -962,6 +1081,21 @@ class Connection:
         st.length += n
         st.progress_at = self._now
         st.hasher.update(payload)
+        if posted is not None:
+            assert posted is st and st.posted is not None
+            rest = st.posted[n:]
+            if len(rest):
+                st.posted = rest
+            else:
+                self._unpost(st)
+            if n:
+                self._events.append(DataReceived(sid, memoryview(payload), True))
+            return
+        if st.posted is not None:
+            # Frames are delivered in order: a frame that did not land in the
+            # posted buffer ends the posting (the consumer copies it, then
+            # may post again).
+            self._unpost(st)
         if n:
             self._events.append(DataReceived(sid, memoryview(payload)))
 

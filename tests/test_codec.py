@@ -6,13 +6,13 @@ import msgpack
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import llmwire
 from llmwire import NonFiniteError, QuantizationError, QuantizedTensor, TensorSpec
 from llmwire.quant import codec, reference
-from llmwire.quant.formats import BLOCK_SIZES, FORMATS, NESTED_GROUP
+from llmwire.quant.formats import BLOCK_SIZES, FORMATS
 
 from conftest import as_numpy, assert_same_bits
 

@@ -20,7 +20,7 @@ import llmwire
 from llmwire.quant import _kernels, reference
 from llmwire.quant.formats import BLOCK_SIZES, FLOAT_DTYPES, FORMATS
 
-from conftest import STORAGE, UINT, assert_same_bits, bits_of, requires_native
+from conftest import STORAGE, UINT, assert_same_bits, requires_native
 
 BLOCK_FORMATS = [name for name, fmt in FORMATS.items() if fmt.is_block]
 CODE = _kernels.DTYPE_CODES

@@ -13,6 +13,7 @@ from llmwire import frames as f
 from llmwire.errors import (
     AuthenticationError,
     BadPreface,
+    ChecksumMismatch,
     ConnectionClosed,
     ConnectionLost,
     FlowControlError,
@@ -609,3 +610,128 @@ def test_held_chunks_are_never_overwritten_and_dropped_ones_reused(pair):
     (ev,) = [e for e in pair.b.events_received() if isinstance(e, E.DataReceived)]
     assert id(ev.data.obj) in pool_ids
     assert bytes(ev.data) == b"z" * 100_000
+
+
+# --- posted receive ---------------------------------------------------------------
+
+def _deliver(pair):
+    for b in pair.a.data_to_send():
+        pair.b.receive_data(b)
+
+
+def _open_posted(pair, size):
+    sid = pair.a.open_stream({})
+    pair.pump()
+    pair.b.events_received()
+    dest = bytearray(size)
+    pair.b.post_buffer(sid, dest)
+    return sid, dest
+
+
+def test_posted_buffer_receives_frames_in_place(pair):
+    sid, dest = _open_posted(pair, 300_000)
+    body = bytes(range(256)) * 1000 + b"tail"  # 256004 bytes in several frames
+    pair.a.send_data(sid, body[:100_000])
+    pair.a.send_data(sid, body[100_000:200_000])
+    pair.a.send_data(sid, body[200_000:])
+    _deliver(pair)
+    evs = [e for e in pair.b.events_received() if isinstance(e, E.DataReceived)]
+    assert [e.posted for e in evs] == [True, True, True]
+    assert all(e.data.obj is dest for e in evs)  # views of the posted buffer, no copy
+    assert bytes(dest[:len(body)]) == body
+    assert pair.b.posted_space(sid) == 300_000 - len(body)
+    assert not pair.b._pool  # no receive buffer was needed
+    digest = pair.a.end_stream(sid)
+    _deliver(pair)
+    assert pair.b.events_received() == [E.StreamEnded(sid, len(body), digest)]
+
+
+def test_posted_buffer_small_frames_and_any_split_of_the_bytes(pair):
+    sid, dest = _open_posted(pair, 1000)
+    pair.a.send_data(sid, b"a" * 10)
+    pair.a.send_data(sid, b"b" * 20)
+    wire = b"".join(bytes(b) for b in pair.a.data_to_send())
+    for i in range(len(wire)):  # one byte at a time
+        pair.b.receive_data(wire[i:i + 1])
+    evs = pair.b.events_received()
+    assert [(bytes(e.data), e.posted) for e in evs] == [(b"a" * 10, True), (b"b" * 20, True)]
+    assert bytes(dest[:30]) == b"a" * 10 + b"b" * 20
+
+
+def test_posted_buffer_smaller_than_a_frame_falls_back_to_the_pool(pair):
+    sid, dest = _open_posted(pair, 50_000)
+    pair.a.send_data(sid, b"x" * 40_000)   # fits
+    pair.a.send_data(sid, b"y" * 20_000)   # does not fit the 10 000 left
+    pair.a.send_data(sid, b"z" * 5_000)    # would fit, but the posting has ended
+    _deliver(pair)
+    evs = [e for e in pair.b.events_received() if isinstance(e, E.DataReceived)]
+    assert [(len(e.data), e.posted) for e in evs] == [(40_000, True), (20_000, False),
+                                                      (5_000, False)]
+    assert evs[1].data.obj is not dest and bytes(evs[1].data) == b"y" * 20_000
+    assert bytes(dest[40_000:]) == b"\0" * 10_000  # untouched
+    assert pair.b.posted_space(sid) == 0
+
+
+def test_posted_buffer_ends_when_full(pair):
+    sid, dest = _open_posted(pair, 30_000)
+    pair.a.send_data(sid, b"p" * 30_000)
+    pair.a.send_data(sid, b"q" * 30_000)
+    _deliver(pair)
+    evs = [e for e in pair.b.events_received() if isinstance(e, E.DataReceived)]
+    assert [e.posted for e in evs] == [True, False]
+    assert bytes(dest) == b"p" * 30_000 and bytes(evs[1].data) == b"q" * 30_000
+
+
+def test_posted_buffer_checksum_mismatch_is_the_same_error(pair):
+    sid, dest = _open_posted(pair, 100_000)
+    pair.a.send_data(sid, b"k" * 50_000)
+    header, payload = pair.a.data_to_send()
+    bad = bytearray(payload)
+    bad[123] ^= 1
+    with pytest.raises(ChecksumMismatch):
+        pair.b.receive_data(bytes(header) + bytes(bad))
+    assert pair.b.state is ConnectionState.ERROR
+    assert not [e for e in pair.b.events_received() if isinstance(e, E.DataReceived)]
+
+
+def test_unpost_mid_frame_moves_the_payload_out_of_the_buffer(pair):
+    sid, dest = _open_posted(pair, 100_000)
+    pair.a.send_data(sid, b"m" * 60_000)
+    wire = b"".join(bytes(b) for b in pair.a.data_to_send())
+    pair.b.receive_data(wire[:30_000])          # half the payload is in dest
+    pair.b.unpost_buffer(sid)
+    dest[:] = b"\xee" * len(dest)               # the caller reuses its buffer
+    pair.b.receive_data(wire[30_000:])
+    (ev,) = pair.b.events_received()
+    assert not ev.posted and bytes(ev.data) == b"m" * 60_000
+    assert bytes(dest) == b"\xee" * len(dest)   # never written after unpost
+
+
+def test_cancel_while_posted_never_writes_the_buffer_again(pair):
+    sid, dest = _open_posted(pair, 100_000)
+    pair.a.send_data(sid, b"c" * 60_000)
+    wire = b"".join(bytes(b) for b in pair.a.data_to_send())
+    pair.b.receive_data(wire[:20_000])
+    pair.b.cancel_stream(sid)
+    dest[:] = b"\0" * len(dest)
+    pair.b.receive_data(wire[20_000:])
+    assert bytes(dest) == b"\0" * len(dest)
+    assert [e for e in pair.b.events_received() if isinstance(e, E.DataReceived)] == []
+    assert pair.b.posted_space(sid) == 0
+
+
+def test_post_buffer_misuse_is_local_error(pair):
+    sid = pair.a.open_stream({})
+    pair.pump()
+    with pytest.raises(LocalProtocolError):
+        pair.a.post_buffer(sid, bytearray(10))     # a stream we send on
+    with pytest.raises(LocalProtocolError):
+        pair.b.post_buffer(sid, b"read-only")
+    with pytest.raises(LocalProtocolError):
+        pair.b.post_buffer(99, bytearray(10))      # never opened
+    pair.a.end_stream(sid)
+    pair.pump()
+    with pytest.raises(LocalProtocolError):
+        pair.b.post_buffer(sid, bytearray(10))     # closed
+    pair.b.unpost_buffer(sid)                      # harmless
+    assert pair.b.state is ConnectionState.OPEN

@@ -189,3 +189,88 @@ def test_iterate_streams_and_chunks_then_clean_close(kind, tmp_path):
         with pytest.raises(ConnectionClosed):
             await c.open_stream({})
         await asyncio.wait_for(s.wait_closed(), 5)
+
+
+def test_readinto_fills_buffers_across_frames(kind, tmp_path):
+    @contract(kind, tmp_path, SMALL)
+    async def _(c, s):
+        body = bytes(range(256)) * 2000  # 512 000 bytes, many frames and windows
+        st = await c.open_stream({})
+        sender = asyncio.ensure_future(st.send(body))
+        rs = await s.accept_stream()
+        first = bytearray(10)  # smaller than a frame: the rest stays queued
+        assert await rs.readinto(first) == 10
+        big = bytearray(300_000)
+        assert await rs.readinto(memoryview(big)) == len(big)
+        got = bytes(first) + bytes(big)
+        got += bytes(await rs.read())  # read() and readinto() mix
+        while len(got) < len(body):
+            rest = bytearray(min(77_777, len(body) - len(got)))
+            assert await rs.readinto(rest) == len(rest)
+            got += rest
+        await sender
+        await st.end()
+        assert await rs.readinto(bytearray(5)) == 0  # verified end
+        assert got == body
+
+
+def test_readinto_numpy_and_short_at_end(kind, tmp_path):
+    np = pytest.importorskip("numpy")
+
+    @contract(kind, tmp_path, SMALL)
+    async def _(c, s):
+        values = np.arange(50_000, dtype=np.float32)
+        st = await c.open_stream({})
+
+        async def send():
+            await st.send(values)
+            await st.end()
+        sender = asyncio.ensure_future(send())
+        rs = await s.accept_stream()
+        out = np.zeros(60_000, dtype=np.float32)
+        assert await rs.readinto(out) == values.nbytes  # the stream ended first
+        await sender
+        assert (out[:50_000] == values).all() and not out[50_000:].any()
+
+
+def test_readinto_raises_stream_errors_and_cancel_while_waiting(kind, tmp_path):
+    @contract(kind, tmp_path, SMALL)
+    async def _(c, s):
+        st = await c.open_stream({})
+        await st.send(b"x" * 1000)
+        rs = await s.accept_stream()
+        buf = bytearray(100_000)
+        reader = asyncio.ensure_future(rs.readinto(buf))
+        await asyncio.sleep(0.05)  # posted, waiting for more
+        assert not reader.done()
+        await rs.cancel(reason="enough")
+        with pytest.raises(StreamCancelled):
+            await reader
+        buf[:] = b"\0" * len(buf)
+        with pytest.raises(StreamCancelled):
+            await st.send(b"y" * 200_000)
+        await asyncio.sleep(0.05)
+        assert not any(buf)  # nothing landed after the cancel
+        # the connection goes on
+        await c.send_message({"after": 1}, b"ok")
+        assert (await s.receive_message()).payload == b"ok"
+
+
+def test_readinto_task_cancelled_then_read_continues(kind, tmp_path):
+    @contract(kind, tmp_path, SMALL)
+    async def _(c, s):
+        st = await c.open_stream({})
+        rs = await s.accept_stream()
+        buf = bytearray(50_000)
+        reader = asyncio.ensure_future(rs.readinto(buf))
+        await asyncio.sleep(0.05)
+        reader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        buf[:] = b"\0" * len(buf)
+        await st.send(b"after" * 1000)
+        await st.end()
+        got = b""
+        async for chunk in rs:
+            got += bytes(chunk)
+        assert got == b"after" * 1000 and not any(buf)

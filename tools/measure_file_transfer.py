@@ -26,17 +26,17 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import re
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from llmwire.bench._rss import RssSampler  # noqa: E402
+from llmwire.synthetic import parse_size  # noqa: E402
 
 MiB = 1 << 20
 
@@ -50,11 +50,10 @@ def _rss(pid: int | str = "self") -> int:
 
 
 def _parse_size(text: str) -> int:
-    m = re.fullmatch(r"(\d+)\s*([KMG]i?B?)?", text.strip(), re.I)
-    if not m:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}")
-    unit = (m.group(2) or "").upper()[:1]
-    return int(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[unit]
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # --- llmwire file ---------------------------------------------------------------------
@@ -111,23 +110,6 @@ def _wait(pipe: Any, procs: list[Any], timeout: float, what: str) -> Any:
     return pipe.recv()
 
 
-class _Sampler(threading.Thread):
-    def __init__(self, pids: dict[str, int]) -> None:
-        super().__init__(daemon=True)
-        self.pids = pids
-        self.peak = {k: 0 for k in pids}
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            for k, pid in self.pids.items():
-                try:
-                    self.peak[k] = max(self.peak[k], _rss(pid))
-                except OSError:
-                    pass
-            time.sleep(0.002)
-
-
 def _file_run(ctx: Any, path: str, dest: str, size: int) -> dict[str, float]:
     shutil.rmtree(dest, ignore_errors=True)
     os.makedirs(dest)
@@ -142,18 +124,16 @@ def _file_run(ctx: Any, path: str, dest: str, size: int) -> dict[str, float]:
         sp.start()
         base = {"sender": _wait(sparent, [rp, sp], 60, "connection")[1],
                 "receiver": _wait(rparent, [rp, sp], 60, "connection")[1]}
-        sampler = _Sampler({"sender": sp.pid, "receiver": rp.pid})
-        sampler.start()
-        time.sleep(0.05)
-        sparent.send("go")
-        _, elapsed, digest = _wait(sparent, [sp], 900, "sender finished")
-        _, got_size, got_digest = _wait(rparent, [rp], 60, "receiver finished")
-        sampler.stop.set()
-        sampler.join()
+        with RssSampler({"sender": sp.pid, "receiver": rp.pid}, interval=0.002) as sampler:
+            time.sleep(0.05)
+            sparent.send("go")
+            _, elapsed, digest = _wait(sparent, [sp], 900, "sender finished")
+            _, got_size, got_digest = _wait(rparent, [rp], 60, "receiver finished")
+        peak = {name: timeline.peak() for name, timeline in sampler.timelines.items()}
         assert got_size == size and got_digest == digest, "transfer mismatch"
         return {"gbps": size / elapsed / 1e9,
-                "sender_peak_over_baseline": sampler.peak["sender"] - base["sender"],
-                "receiver_peak_over_baseline": sampler.peak["receiver"] - base["receiver"],
+                "sender_peak_over_baseline": peak["sender"] - base["sender"],
+                "receiver_peak_over_baseline": peak["receiver"] - base["receiver"],
                 "sender_baseline": base["sender"], "receiver_baseline": base["receiver"]}
     finally:
         for p in (sp, rp):
@@ -166,11 +146,9 @@ def _file_run(ctx: Any, path: str, dest: str, size: int) -> dict[str, float]:
 # --- raw socket into a file -----------------------------------------------------------
 
 def _raw_file_receiver(conn: Any, nbytes: int, chunk: int, dest: str) -> None:
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-    conn.send(srv.getsockname()[1])
-    s, _ = srv.accept()
+    from llmwire.bench.wire import accept_one
+
+    s, srv = accept_one(conn)
     buf = bytearray(chunk)
     view = memoryview(buf)
     fd = os.open(os.path.join(dest, "raw.bin"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

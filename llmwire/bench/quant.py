@@ -8,7 +8,6 @@ import json
 import sys
 from typing import Any
 
-import numpy as np
 
 from .. import quant
 from ..synthetic import DISTRIBUTIONS, llama_state_dict, parse_size

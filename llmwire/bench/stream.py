@@ -1,8 +1,10 @@
 """``llmwire bench stream``: a state dict over loopback TCP, end to end.
 
 For each format, in fresh process pairs (sender, receiver) over 127.0.0.1,
-and in the same invocation a raw-socket baseline moving the same number of
-fp32 bytes (blocking ``sendall`` / ``recv_into``, as ``bench wire``):
+and in the same invocation two raw-socket baselines moving the same number of
+fp32 bytes (blocking ``sendall`` / ``recv_into``): from and into reused
+4 MiB buffers (the loopback limit, as ``bench wire``), and from and into
+model-sized buffers (what moving real model memory costs raw sockets):
 
 - throughput: GB of fp32 state dict delivered per second, on the sender's
   clock from its first byte until the receiver acknowledges a received,
@@ -30,7 +32,7 @@ from typing import Any
 from ..synthetic import parse_size
 from ._rss import RssSampler
 from ._timing import format_table
-from .wire import _one_run, _raw_receiver, _raw_sender
+from .wire import _one_run, _raw_receiver, _raw_sender, accept_one
 
 SECRET = b"bench-stream"
 MIB = 1 << 20
@@ -52,6 +54,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "model in the receiver, which takes a while for big models)")
     parser.add_argument("--runs", type=int, default=5, help="runs per format (default: 5)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _raw_model_receiver(conn: Any, nbytes: int, chunk: int) -> None:
+    """Raw socket into a model-sized, already touched buffer (``recv_into``)."""
+    import numpy as np
+
+    target = np.ones(nbytes, np.uint8)
+    sock, srv = accept_one(conn)
+    view, got = memoryview(target), 0
+    while got < nbytes:
+        n = sock.recv_into(view[got:], min(nbytes - got, chunk))
+        if not n:
+            raise RuntimeError("raw sender closed early")
+        got += n
+    sock.sendall(b"k")
+    sock.close()
+    srv.close()
+
+
+def _raw_model_sender(conn: Any, port: int, nbytes: int, chunk: int) -> None:
+    """Raw socket ``sendall`` from a model-sized buffer, chunk after chunk."""
+    import socket
+
+    import numpy as np
+
+    source = np.ones(nbytes, np.uint8)
+    view = memoryview(source)
+    sock = socket.create_connection(("127.0.0.1", port))
+    started = time.perf_counter()
+    for offset in range(0, nbytes, chunk):
+        sock.sendall(view[offset:offset + chunk])
+    assert sock.recv(1) == b"k"
+    conn.send(time.perf_counter() - started)
+    sock.close()
 
 
 def _receiver(conn: Any, params: int, into: str, seed: int, model: str, check: bool) -> None:
@@ -173,6 +209,7 @@ def measure(params: int, formats: list[str], into: str, runs: int, model: str = 
     out: dict[str, Any] = {"params": params, "receiver": into, "runs": runs, "model": model,
                            "formats": {}}
     raw_runs: list[float] = []
+    raw_model_runs: list[float] = []
     per_format: dict[str, list[dict[str, Any]]] = {fmt: [] for fmt in formats}
     fp32_bytes = None
     for _ in range(runs):
@@ -183,9 +220,14 @@ def measure(params: int, formats: list[str], into: str, runs: int, model: str = 
         assert fp32_bytes is not None
         raw_runs.append(fp32_bytes / _one_run(ctx, _raw_receiver, _raw_sender, fp32_bytes,
                                               4 * MIB) / 1e9)
+        raw_model_runs.append(fp32_bytes / _one_run(ctx, _raw_model_receiver, _raw_model_sender,
+                                                    fp32_bytes, 4 * MIB) / 1e9)
     raw_gbps = statistics.median(raw_runs)
     out["raw_gbps"] = round(raw_gbps, 3)
     out["raw_runs_gbps"] = [round(x, 3) for x in raw_runs]
+    raw_model_gbps = statistics.median(raw_model_runs)
+    out["raw_model_gbps"] = round(raw_model_gbps, 3)
+    out["raw_model_runs_gbps"] = [round(x, 3) for x in raw_model_runs]
     out["tensor_bytes"] = fp32_bytes
     for fmt, rows in per_format.items():
         gbps = [r["tensor_bytes"] / r["seconds"] / 1e9 for r in rows]
@@ -193,6 +235,7 @@ def measure(params: int, formats: list[str], into: str, runs: int, model: str = 
         out["formats"][fmt] = {
             "gbps": round(median, 3), "runs_gbps": [round(x, 3) for x in gbps],
             "ratio_to_raw": round(median / raw_gbps, 3),
+            "ratio_to_raw_model": round(median / raw_model_gbps, 3),
             "wire_bytes": rows[0]["wire_bytes"],
             "sender_peak_mib": round(statistics.median(r["sender_peak_mib"] for r in rows), 1),
             "receiver_peak_mib": round(statistics.median(r["receiver_peak_mib"] for r in rows), 1),
@@ -219,10 +262,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"state dict over loopback TCP ({r['model']}): {r['params'] / 1e6:.0f}M params, "
           f"{r['tensor_bytes'] / MIB:.0f} MiB fp32, receiver: {r['receiver']}, "
           f"median of {r['runs']} runs")
-    print(f"raw socket baseline, same bytes: {r['raw_gbps']:.2f} GB/s {r['raw_runs_gbps']}")
+    print(f"raw socket baseline, same bytes, reused 4 MiB buffers: {r['raw_gbps']:.2f} GB/s "
+          f"{r['raw_runs_gbps']}")
+    print(f"raw socket baseline, same bytes, model-sized buffers on both sides: "
+          f"{r['raw_model_gbps']:.2f} GB/s {r['raw_model_runs_gbps']}")
     rows = [[fmt, f"{f['wire_bytes'] / MIB:.0f}", f"{f['gbps']:.2f}", f"{f['ratio_to_raw']:.2f}",
+             f"{f['ratio_to_raw_model']:.2f}",
              f"{f['sender_peak_mib']:.0f}", f"{f['receiver_peak_mib']:.0f}",
              f"{f['max_abs_err']:.3g}"] for fmt, f in r["formats"].items()]
-    print(format_table(["format", "wire MiB", "GB/s fp32", "x raw", "sender +MiB",
+    print(format_table(["format", "wire MiB", "GB/s fp32", "x raw", "x raw (model buf)",
+                        "sender +MiB",
                         "receiver +MiB", "max abs err"], rows))
     return 0

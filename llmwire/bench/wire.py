@@ -42,12 +42,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # --- raw ---------------------------------------------------------------------------
 
-def _raw_receiver(conn: Any, nbytes: int, chunk: int) -> None:
+def accept_one(conn: Any) -> tuple[socket.socket, socket.socket]:
+    """Listen on a free loopback port, tell ``conn`` the port, accept one peer;
+    returns (connected socket, listening socket)."""
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(1)
     conn.send(srv.getsockname()[1])
     s, _ = srv.accept()
+    return s, srv
+
+
+def _raw_receiver(conn: Any, nbytes: int, chunk: int) -> None:
+    s, srv = accept_one(conn)
     buf = bytearray(chunk)
     view = memoryview(buf)
     left = nbytes

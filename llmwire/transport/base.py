@@ -76,6 +76,32 @@ class RecvStream(abc.ABC):
     async def cancel(self, code: int = 10, reason: str = "") -> None:
         """Refuse the rest of the stream; buffered chunks are dropped."""
 
+    async def readinto(self, buffer: BufferLike) -> int:
+        """Fill ``buffer`` (any writable C-contiguous buffer) with the next
+        bytes of the stream; return how many were written: ``len(buffer)``
+        in bytes, fewer only if the stream ended (verified) first.
+
+        Credit goes back as for :meth:`read`; failures raise as :meth:`read`
+        does. llmwire's own transport receives the frames straight into
+        ``buffer`` (no copy) once the chunks already queued are used up; this
+        default copies chunks from :meth:`read` and keeps the rest of the
+        last one for the next ``readinto``.
+        """
+        out = memoryview(buffer).cast("B")
+        filled = 0
+        rest = getattr(self, "_readinto_rest", b"")
+        while filled < len(out):
+            if not rest:
+                rest = memoryview(await self.read()).cast("B")
+                if not rest:
+                    break
+            n = min(len(rest), len(out) - filled)
+            out[filled:filled + n] = rest[:n]
+            rest = rest[n:]
+            filled += n
+        self._readinto_rest = rest
+        return filled
+
     async def read_all(self, max_size: int | None = None) -> bytes:
         """Read the whole body into bytes (for small messages).
 

@@ -46,6 +46,17 @@ def _as_bytes_view(data: BufferLike) -> memoryview:
     return mv
 
 
+def _as_writable_view(buffer: BufferLike) -> memoryview:
+    mv = memoryview(buffer)
+    if mv.readonly:
+        raise LocalProtocolError("readinto() needs a writable buffer")
+    if mv.ndim != 1 or mv.format not in ("B", "b", "c"):
+        if not mv.c_contiguous:
+            raise LocalProtocolError("readinto() needs a C-contiguous buffer")
+        mv = mv.cast("B")
+    return mv
+
+
 class WireSendStream(SendStream):
     """Sending end of a stream on a :class:`WireTransport`."""
 
@@ -124,6 +135,10 @@ class WireRecvStream(RecvStream):
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self.digest: bytes | None = None
+        # readinto(): bytes still expected in the posted buffer, and bytes
+        # that landed there since it was posted.
+        self._posted_left = 0
+        self._posted_got = 0
 
     def _wake(self) -> None:
         w = self._waiter
@@ -147,6 +162,60 @@ class WireRecvStream(RecvStream):
             owner._conn.consumed(self.stream_id, len(chunk))
             owner._flush()
         return chunk
+
+    async def readinto(self, buffer: BufferLike) -> int:
+        out = _as_writable_view(buffer)
+        owner = self._owner
+        conn = owner._conn
+        sid = self.stream_id
+        size = len(out)
+        filled = 0
+        while filled < size:
+            chunks = self._chunks
+            if chunks:
+                # Chunks that arrived before we posted: copy them.
+                chunk = chunks[0]
+                n = min(len(chunk), size - filled)
+                if n == len(chunk):
+                    chunks.popleft()
+                    out[filled:filled + n] = chunk
+                else:
+                    out[filled:filled + n] = chunk[:n]
+                    chunks[0] = chunk[n:]
+                del chunk
+                filled += n
+                if not owner.is_closed:
+                    conn.consumed(sid, n)
+                    owner._flush()
+                continue
+            if self._error is not None:
+                raise self._error
+            if self._ended:
+                return filled
+            # Nothing queued: frames of this stream now land in ``out``.
+            conn.post_buffer(sid, out[filled:])
+            self._posted_left = size - filled
+            self._posted_got = 0
+            self._waiter = owner._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+                filled += self._posted_got
+                self._posted_left = self._posted_got = 0
+                if not owner.is_closed:
+                    conn.unpost_buffer(sid)
+        return filled
+
+    def _landed(self, nbytes: int) -> None:
+        """``nbytes`` landed in the posted buffer (credit is already back)."""
+        self._posted_got += nbytes
+        if self._posted_got >= self._posted_left:
+            self._wake()
+            # The reader will most likely post its next buffer as soon as it
+            # runs: let it, before the loop reads the next frames into
+            # receive buffers (which would cost a copy each).
+            self._owner._yield_reading()
 
     async def cancel(self, code: int = ErrorCode.CANCEL, reason: str = "") -> None:
         if self._ended or self._error is not None:
@@ -191,6 +260,7 @@ class WireTransport(Transport, asyncio.BufferedProtocol):
         self._local_close = False
         self._use_writelines = False
         self._sink = bytearray(64 * 1024)
+        self._read_yielded = False
         self.peer_name: Any = None
         # A handshake failure nobody awaited must not be logged as "never retrieved".
         self._handshake.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -284,6 +354,21 @@ class WireTransport(Transport, asyncio.BufferedProtocol):
             for b in bufs:
                 t.write(b)
 
+    def _yield_reading(self) -> None:
+        """Stop reading until the tasks woken so far have run (one loop turn)."""
+        t = self._transport
+        if self._read_yielded or t is None or t.is_closing():
+            return
+        self._read_yielded = True
+        t.pause_reading()
+        self._loop.call_soon(self._resume_reading)
+
+    def _resume_reading(self) -> None:
+        self._read_yielded = False
+        t = self._transport
+        if t is not None and not t.is_closing():
+            t.resume_reading()
+
     async def _drain(self) -> None:
         while self._write_paused and self._transport is not None \
                 and not self._transport.is_closing():
@@ -325,7 +410,13 @@ class WireTransport(Transport, asyncio.BufferedProtocol):
             t = type(ev)
             if t is DataReceived:
                 rs = self._recv_streams.get(ev.stream_id)
-                if rs is not None:
+                if ev.posted:
+                    # Already in the reader's buffer: nothing is held here,
+                    # so the credit goes straight back.
+                    self._conn.consumed(ev.stream_id, len(ev.data))
+                    if rs is not None:
+                        rs._landed(len(ev.data))
+                elif rs is not None:
                     rs._chunks.append(ev.data)
                     rs._wake()
                 else:  # cancelled locally meanwhile: give the credit back
