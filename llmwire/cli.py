@@ -25,16 +25,25 @@ EXIT_OK = 0
 EXIT_ERROR = 1  # an LlmwireError or an OS error: the message says which
 EXIT_USAGE = 2  # bad command line (argparse's own convention)
 EXIT_INTERRUPTED = 130  # Ctrl-C
+# 3 connection, 4 wrong secret, 5 refused by the receiver, 6 integrity: see
+# llmwire/transfer.py and docs/cli.md
 
 _BENCHES = ("quant", "wire", "stream")
 
 _EPILOG = """\
 examples:
-  llmwire demo                          quantize a built-in 25M-parameter model in every format
+  export LLMWIRE_SECRET=...             the shared secret (or --secret-file F)
+  llmwire recv --listen 0.0.0.0:7070 --out incoming/
+  llmwire send model.safetensors --to HOST:7070 --quantize nf4
+  llmwire send data.tar --to HOST:7070  run it again after a failure: it resumes
+  llmwire demo                          send a built-in 25M-parameter model in every format
   llmwire demo --params 100M --formats nf4,fp16
   llmwire bench quant --params 100M     speed, size and error of each format
   llmwire bench quant --json            the same as one JSON list
   llmwire info                          version and which kernels are in use
+
+exit status: 0 ok, 1 error, 2 usage, 3 connection, 4 wrong secret, 5 refused by
+the receiver, 6 integrity, 130 interrupted (docs/cli.md)
 """
 
 
@@ -81,6 +90,19 @@ def _build_parser() -> argparse.ArgumentParser:
                                            "(C extension or NumPy reference) and the formats.")
     info.add_argument("--json", action="store_true", help="print one JSON object")
 
+    from . import transfer
+    send = commands.add_parser(
+        "send", allow_abbrev=False, help="send files and state dicts to a receiver",
+        description="Send files and state dicts to `llmwire recv`, over one authenticated "
+                    "connection, in order.",
+        epilog=transfer.SEND_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    transfer.add_send_arguments(send)
+    recv = commands.add_parser(
+        "recv", allow_abbrev=False, help="receive files and state dicts into a directory",
+        description="Listen for authenticated senders and land what they send in a directory.",
+        epilog=transfer.RECV_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    transfer.add_recv_arguments(recv)
+
     from . import demo
     demo_parser = commands.add_parser(
         "demo", help="run the built-in demonstration",
@@ -88,7 +110,7 @@ def _build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_arguments(demo_parser)
 
-    bench = commands.add_parser("bench", help="benchmarks (quant, wire)",
+    bench = commands.add_parser("bench", help="benchmarks (quant, wire, stream)",
                                 description="Benchmarks; each prints medians of repeated runs "
                                             "and ratios against a baseline measured in the "
                                             "same run.")
@@ -119,6 +141,9 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         else:
             print(_info_text())
         return EXIT_OK
+    if args.command in ("send", "recv"):
+        from . import transfer
+        return transfer.run_send(args) if args.command == "send" else transfer.run_recv(args)
     if args.command == "demo":
         from . import demo
         return demo.run(args)
@@ -138,8 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"llmwire: interrupted after {time.monotonic() - started:.1f}s", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (LlmwireError, OSError) as exc:
-        print(f"llmwire: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        from .transfer import exit_code_for
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"llmwire: error: {message}", file=sys.stderr)
+        return exit_code_for(exc)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -137,7 +137,8 @@ def _receiver(conn: Any, params: int, into: str, seed: int, model: str, check: b
     llmwire.run(main())
 
 
-def _sender(conn: Any, port: int, params: int, fmt: str, seed: int, model: str) -> None:
+def _sender(conn: Any, port: int, params: int, fmt: str, seed: int, model: str,
+            nested: bool = False) -> None:
     import llmwire
     from llmwire.synthetic import make_state_dict
 
@@ -148,7 +149,7 @@ def _sender(conn: Any, port: int, params: int, fmt: str, seed: int, model: str) 
     async def main() -> tuple[float, int, int]:
         t = await llmwire.connect("127.0.0.1", port, secret=SECRET)
         started = time.perf_counter()
-        result = await llmwire.send_state_dict(t, state, fmt)
+        result = await llmwire.send_state_dict(t, state, fmt, nested=nested)
         await t.receive_message()
         elapsed = time.perf_counter() - started
         await t.close()
@@ -167,7 +168,7 @@ def _expect(conn: Any, kind: str, timeout: float = 900) -> Any:
 
 
 def _one_transfer(ctx: Any, params: int, fmt: str, into: str, model: str = "llama",
-                  check: bool = True) -> dict[str, Any]:
+                  check: bool = True, nested: bool = False) -> dict[str, Any]:
     rparent, rchild = ctx.Pipe()
     sparent, schild = ctx.Pipe()
     receiver = ctx.Process(target=_receiver, args=(rchild, params, into, 1, model, check))
@@ -175,7 +176,7 @@ def _one_transfer(ctx: Any, params: int, fmt: str, into: str, model: str = "llam
     sender = None
     try:
         port = _expect(rparent, "ready", 300)
-        sender = ctx.Process(target=_sender, args=(schild, port, params, fmt, 1, model))
+        sender = ctx.Process(target=_sender, args=(schild, port, params, fmt, 1, model, nested))
         sender.start()
         _expect(sparent, "ready", 300)
         assert receiver.pid is not None and sender.pid is not None
