@@ -40,7 +40,7 @@ examples:
   llmwire demo --params 100M --formats nf4,fp16
   llmwire bench quant --params 100M     speed, size and error of each format
   llmwire bench quant --json            the same as one JSON list
-  llmwire profile --params 100M --plot mem.png   memory per transfer mode
+  llmwire profile --plot mem.png        memory of each transfer mode, sender and receiver
   llmwire info                          version and which kernels are in use
 
 exit status: 0 ok, 1 error, 2 usage, 3 connection, 4 wrong secret, 5 refused by

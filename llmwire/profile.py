@@ -224,6 +224,7 @@ def _one(ctx: Any, mode: str, fmt: str, into: str, params: int, interval: float)
     sender = ctx.Process(target=_sender, args=(schild, mode, fmt, params, 1, workdir),
                          daemon=True)
     processes = (sender, receiver)
+    ok = False
     try:
         for p in processes:
             p.start()
@@ -262,10 +263,11 @@ def _one(ctx: Any, mode: str, fmt: str, into: str, params: int, interval: float)
             figures[f"{name}_peak_abs_mib"] = peak / MIB
             figures[f"{name}_peak_mib"] = (peak - base) / MIB
         figures["timelines"] = {name: tl.samples for name, tl in sampler.timelines.items()}
+        ok = True
         return figures
     finally:
-        for p in processes:
-            p.join(60)
+        for p in processes:  # after a failure the peer may wait for ever: do not wait
+            p.join(60 if ok else 1)
             if p.is_alive():
                 p.terminate()
                 p.join(5)
