@@ -40,6 +40,7 @@ examples:
   llmwire demo --params 100M --formats nf4,fp16
   llmwire bench quant --params 100M     speed, size and error of each format
   llmwire bench quant --json            the same as one JSON list
+  llmwire profile --plot mem.png        memory of each transfer mode, sender and receiver
   llmwire info                          version and which kernels are in use
 
 exit status: 0 ok, 1 error, 2 usage, 3 connection, 4 wrong secret, 5 refused by
@@ -110,6 +111,12 @@ def _build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_arguments(demo_parser)
 
+    from . import profile
+    profile_parser = commands.add_parser(
+        "profile", help="memory of a sender and receiver over loopback, per transfer mode",
+        description=profile.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    profile.add_arguments(profile_parser)
+
     bench = commands.add_parser("bench", help="benchmarks (quant, wire, stream)",
                                 description="Benchmarks; each prints medians of repeated runs "
                                             "and ratios against a baseline measured in the "
@@ -147,6 +154,9 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "demo":
         from . import demo
         return demo.run(args)
+    if args.command == "profile":
+        from . import profile
+        return profile.run(args)
     if args.command == "bench":
         return _bench_modules()[args.bench].run(args)
     raise AssertionError(args.command)  # pragma: no cover - argparse rejects others
