@@ -17,6 +17,7 @@ import multiprocessing as mp
 
 from . import quant
 from .bench._timing import format_table
+from .quant.formats import parse_format_list
 from .synthetic import parse_size
 
 DESCRIPTION = ("Send a built-in synthetic Llama-shaped state dict from a sender process to a "
@@ -42,22 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
 
 
-def _formats(text: str) -> list[tuple[str, str, bool]]:
-    out = []
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        name, _, extra = item.partition("+")
-        fmt = "raw" if name == "fp32" else name
-        quant.get_format(fmt)
-        if extra not in ("", "nested"):
-            raise quant.QuantizationError(f"unknown format option {extra!r} in {item!r}")
-        out.append((item, fmt, extra == "nested"))
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     from .bench.stream import _one_transfer
 
-    formats = _formats(args.formats)
+    formats = parse_format_list(args.formats)
     ctx = mp.get_context("spawn")
     rows = []
     fp32_bytes = 0

@@ -10,6 +10,7 @@ from typing import Any
 
 
 from .. import quant
+from ..quant.formats import parse_format_list
 from ..synthetic import DISTRIBUTIONS, llama_state_dict, parse_size
 from ..tensors import torch_module
 from ._timing import format_table, median_seconds
@@ -29,17 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight distribution of the synthetic model (default: normal; "
                              "student-t has heavy tails)")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
-
-
-def _parse_formats(text: str) -> list[tuple[str, bool]]:
-    out = []
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        name, _, extra = item.partition("+")
-        quant.get_format(name)
-        if extra not in ("", "nested"):
-            raise quant.QuantizationError(f"unknown format option {extra!r} in {item!r}")
-        out.append((name, extra == "nested"))
-    return out
 
 
 def measure(state: dict[str, Any], fmt: str, nested: bool, repeats: int) -> dict[str, Any]:
@@ -92,7 +82,7 @@ def torch_cast_baseline(state: dict[str, Any], fmt: str, repeats: int) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    formats = _parse_formats(args.formats)
+    formats = [(fmt, nested) for _, fmt, nested in parse_format_list(args.formats)]
     if torch_module() is None:
         print("llmwire bench quant: needs torch (pip install torch==2.13.0)", file=sys.stderr)
         return 2

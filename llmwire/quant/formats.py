@@ -26,6 +26,7 @@ __all__ = [
     "NESTED_GROUP",
     "NESTED_FORMAT",
     "get_format",
+    "parse_format_list",
     "DYNAMIC8_CODE",
     "FP4_CODE",
     "NF4_CODE",
@@ -183,3 +184,21 @@ def get_format(name: str | Format) -> Format:
     except (KeyError, TypeError):
         known = ", ".join(sorted(FORMATS))
         raise QuantizationError(f"unknown format {name!r} (known: {known})") from None
+
+
+def parse_format_list(text: str) -> list[tuple[str, str, bool]]:
+    """Parse a command line's ``--formats`` value, e.g. ``"fp32,fp16,nf4+nested"``.
+
+    Returns ``(label, format name, nested)`` per item; ``fp32`` means ``raw``.
+    Raises :class:`QuantizationError` for an unknown format or option.
+    """
+    out = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, extra = item.partition("+")
+        fmt = "raw" if name == "fp32" else name
+        get_format(fmt)
+        if extra not in ("", "nested"):
+            raise QuantizationError(f"unknown format option {extra!r} in {item!r}")
+        out.append((item, fmt, extra == "nested"))
+    return out
+
