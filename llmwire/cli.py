@@ -41,6 +41,8 @@ examples:
   llmwire bench quant --params 100M     speed, size and error of each format
   llmwire bench quant --json            the same as one JSON list
   llmwire profile --plot mem.png        memory of each transfer mode, sender and receiver
+  llmwire profile --sizes 0.25,0.5,1 --sweep-plot sweep.png
+                                        peak memory against model size, per mode
   llmwire info                          version and which kernels are in use
 
 exit status: 0 ok, 1 error, 2 usage, 3 connection, 4 wrong secret, 5 refused by

@@ -12,15 +12,25 @@ Modes:
   parts and are dequantized by the receiver);
 - ``container``: state dict streaming (``send_state_dict`` /
   ``receive_state_dict``) into ``--receiver`` memory, inplace or safetensors;
-- ``file``: a safetensors checkpoint on disk, streamed with ``send_file`` and
-  received to disk (``receive_file``, digest-checked); raw only.
+- ``file``: a checkpoint on disk (``--model PATH`` itself, or the synthetic
+  model saved as safetensors), streamed with ``send_file`` and received to
+  disk (``receive_file``, digest-checked); raw only.
+
+The model is a synthetic Llama-shaped state dict of ``--params`` parameters
+(fp32), one tensor (``--model single``), or a checkpoint of your own
+(``--model PATH``: .safetensors, or a torch .pt/.pth/.bin state dict), which
+the sender loads into memory as a trainer holds it.
 
 Figures per process: the baseline (RSS when the process reports its model
 built: the sender's state dict, the in-place receiver's target tensors, the
 file sender's checkpoint written and dropped), the peak during the transfer
 (from that moment until the receiver has everything, before verification)
-and peak minus baseline. ``seconds`` is the sender's clock from its first
-byte to the receiver's acknowledgement.
+and peak minus baseline; ``both`` is the two processes' summed RSS (the
+paper's whole-machine view), its peak minus the sum when the transfer
+starts. ``seconds`` is the sender's clock from its first byte to the
+receiver's acknowledgement. ``--repeat N`` runs every mode N times,
+interleaved, and reports medians; ``--sizes`` repeats all of it per model
+size and draws peak against size (``--sweep-plot``).
 """
 
 from __future__ import annotations
@@ -31,230 +41,123 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
 from typing import Any
 
+from .bench import _peers, _plots
+from .bench._models import SYNTHETIC, ModelSource
+from .bench._procs import expect
 from .bench._rss import RssSampler, Timeline
 from .bench._timing import format_table
+from .errors import LlmwireError
 from .synthetic import parse_size
 
-__all__ = ["MODES", "RECEIVERS", "add_arguments", "profile", "run", "main",
-           "write_csv", "write_plot"]
+__all__ = ["MODES", "RECEIVERS", "add_arguments", "profile", "sweep", "run", "main",
+           "parse_model_size", "write_csv"]
 
-SECRET = b"llmwire-profile"
 MIB = 1 << 20
 MODES = ("regular", "container", "file")
 RECEIVERS = ("memory", "inplace", "safetensors")
-_TIMEOUT = 900.0
+PROCESSES = ("sender", "receiver")
+#: figures reported as medians over repeats
+MEDIANS = ("sender_baseline_mib", "sender_peak_abs_mib", "sender_peak_mib",
+           "receiver_baseline_mib", "receiver_peak_abs_mib", "receiver_peak_mib",
+           "total_peak_mib", "seconds")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", type=parse_size, default="25M",
-                        help="model size in parameters (default: 25M, 100 MB in fp32)")
+    parser.add_argument("--model", default="llama", metavar="llama|single|PATH",
+                        help="synthetic Llama-shaped dict (default), one big tensor, or "
+                             "your checkpoint: .safetensors or a torch .pt/.pth/.bin state dict")
+    parser.add_argument("--params", type=parse_size, default=None,
+                        help="synthetic model size in parameters (default: 25M, 100 MB fp32)")
+    parser.add_argument("--sizes", default=None, metavar="GB,GB,...",
+                        help="sweep synthetic model sizes, fp32 GB (e.g. 0.25,0.5,1,2; "
+                             "units MB, MiB, GB, GiB allowed)")
     parser.add_argument("--modes", default=",".join(MODES),
                         help="comma-separated modes: regular, container, file "
                              "(default: %(default)s)")
     parser.add_argument("--formats", default="raw",
                         help="comma-separated formats for regular and container "
                              "(file mode is raw only; default: %(default)s)")
-    parser.add_argument("--receiver", choices=RECEIVERS, default="memory",
-                        help="container mode's receiver target (default: memory)")
+    parser.add_argument("--receiver", default="memory", metavar="memory|inplace|safetensors",
+                        help="container mode's receiver targets, comma-separated "
+                             "(default: memory)")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="run every mode N times, interleaved; report medians (default: 1)")
     parser.add_argument("--interval", type=float, default=0.005,
                         help="sampling interval in seconds, at most 0.01 (default: 0.005)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--csv", metavar="PATH", help="write the raw timelines as CSV")
+    parser.add_argument("--csv", metavar="PATH", help="write every sample of every run as CSV")
     parser.add_argument("--plot", metavar="PATH",
-                        help="write a PNG of memory over time (needs matplotlib)")
+                        help="write a PNG of memory over time, all modes (needs matplotlib; "
+                             "with --sizes: the largest size)")
+    parser.add_argument("--sweep-plot", metavar="PATH",
+                        help="with --sizes: write a PNG of peak memory against model size")
 
 
-# ------------------------------------------------------------------ processes
-
-
-def _expect(conn: Any, kind: str, timeout: float = _TIMEOUT) -> Any:
-    if not conn.poll(timeout):
-        raise RuntimeError(f"no {kind!r} from a profiled process within {timeout}s")
-    got, value = conn.recv()
-    if got == "failed":
-        raise RuntimeError(f"profiled process failed: {value}")
-    if got != kind:
-        raise RuntimeError(f"expected {kind!r}, got {got!r}")
-    return value
-
-
-def _guard(conn: Any, body: Any) -> None:
+def parse_model_size(text: str) -> int:
+    """A model size in bytes: a plain number is GB (``0.25`` → 250 MB);
+    ``500MB``, ``512MiB``, ``2GB``, ``1.5GiB`` are taken as written."""
+    s = text.strip()
     try:
-        body()
-    except BaseException as exc:  # report, so the parent does not wait for nothing
-        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
-        raise
-
-
-def _max_err(received: dict[str, Any], expected: dict[str, Any]) -> float:
-    if set(received) != set(expected):
-        raise RuntimeError("received keys differ from the sent state dict")
-    return max((float((received[k].float() - v.float()).abs().max()) for k, v in expected.items()),
-               default=0.0)
-
-
-def _receiver(conn: Any, mode: str, fmt: str, into: str, params: int, seed: int,
-              workdir: str) -> None:
-    _guard(conn, lambda: _receiver_body(conn, mode, fmt, into, params, seed, workdir))
-
-
-def _receiver_body(conn: Any, mode: str, fmt: str, into: str, params: int, seed: int,
-                   workdir: str) -> None:
-    import asyncio
-
-    import torch
-
-    import llmwire
-    from llmwire.synthetic import make_state_dict
-
-    conn.send(("alive", None))
-    conn.recv()  # build
-    target = None
-    if mode == "container" and into == "inplace":
-        target = {k: torch.zeros_like(v)
-                  for k, v in make_state_dict("llama", params, seed=seed).items()}
-    outdir = os.path.join(workdir, "received")
-    os.makedirs(outdir, exist_ok=True)
-
-    async def receive(t: Any) -> Any:
-        if mode == "regular":
-            obj = await llmwire.receive_object(t, max_size=1 << 40)
-            if fmt == "raw":
-                return obj
-            from llmwire.quant.codec import QuantizedTensor, TensorSpec
-            return {k: llmwire.dequantize(QuantizedTensor(TensorSpec.from_header(v["spec"]),
-                                                          dict(v["parts"]), container="torch"))
-                    for k, v in obj.items()}
-        if mode == "container":
-            arg = {"memory": None, "inplace": target,
-                   "safetensors": os.path.join(outdir, "model.safetensors")}[into]
-            return await llmwire.receive_state_dict(t, arg, overwrite=True)
-        return await llmwire.receive_file(t, outdir, overwrite=True)
-
-    async def main() -> None:
-        done = asyncio.get_running_loop().create_future()
-
-        async def handler(t: Any) -> None:
-            try:
-                received = await receive(t)
-            except BaseException as exc:
-                if not done.done():
-                    done.set_exception(exc)
-                raise
-            await t.send_message({"ok": True})
-            done.set_result(received)
-            await t.wait_closed()
-
-        server = await llmwire.serve(handler, "127.0.0.1", 0, secret=SECRET)
-        conn.send(("built", server.port))
-        received = await asyncio.wait_for(done, _TIMEOUT)
-        conn.send(("received", None))
-        if mode == "file":
-            err = 0.0  # receive_file checked the whole-file digest
-        else:
-            if mode == "container" and into == "safetensors":
-                from safetensors.torch import load_file
-                received = load_file(received)
-            err = _max_err(received, make_state_dict("llama", params, seed=seed))
-            if fmt == "raw" and err != 0.0:
-                raise RuntimeError(f"raw transfer restored with error {err}")
-        conn.send(("verified", err))
-        await server.close()
-
-    llmwire.run(main())
-
-
-def _sender(conn: Any, mode: str, fmt: str, params: int, seed: int, workdir: str) -> None:
-    _guard(conn, lambda: _sender_body(conn, mode, fmt, params, seed, workdir))
-
-
-def _sender_body(conn: Any, mode: str, fmt: str, params: int, seed: int, workdir: str) -> None:
-    import gc
-
-    import llmwire
-    from llmwire.synthetic import make_state_dict
-
-    conn.send(("alive", None))
-    conn.recv()  # build
-    state = make_state_dict("llama", params, seed=seed)
-    path = os.path.join(workdir, "model.safetensors")
-    if mode == "file":
-        from safetensors.torch import save_file
-        save_file(state, path)
-        del state
-        gc.collect()
-    conn.send(("built", None))
-    port = conn.recv()  # go
-
-    async def main() -> tuple[float, int]:
-        t = await llmwire.connect("127.0.0.1", port, secret=SECRET)
-        started = time.perf_counter()
-        if mode == "regular":
-            value: Any = state
-            if fmt != "raw":
-                value = {k: {"spec": q.spec.to_header(), "parts": q.parts}
-                         for k, q in llmwire.quantize_state_dict(state, fmt).items()}
-            wire = await llmwire.send_object(t, value)
-        elif mode == "container":
-            wire = (await llmwire.send_state_dict(t, state, fmt)).wire_bytes
-        else:
-            wire = (await llmwire.send_file(t, path)).bytes_transferred
-        await t.receive_message()
-        elapsed = time.perf_counter() - started
-        await t.close()
-        return elapsed, wire
-
-    conn.send(("sent", llmwire.run(main())))
+        return int(float(s) * 1e9)
+    except ValueError:
+        pass
+    if not s.lower().endswith(("mb", "mib", "gb", "gib")):
+        raise ValueError(f"not a model size: {text!r} (use GB, e.g. 0.25, or 500MB, 2GiB)")
+    return parse_size(s)
 
 
 # --------------------------------------------------------------------- runs
 
 
-def _one(ctx: Any, mode: str, fmt: str, into: str, params: int, interval: float) -> dict[str, Any]:
+def _one(ctx: Any, mode: str, fmt: str, into: str, model: ModelSource,
+         interval: float) -> dict[str, Any]:
     workdir = tempfile.mkdtemp(prefix="llmwire-profile-")
     rparent, rchild = ctx.Pipe()
     sparent, schild = ctx.Pipe()
-    receiver = ctx.Process(target=_receiver,
-                           args=(rchild, mode, fmt, into, params, 1, workdir), daemon=True)
-    sender = ctx.Process(target=_sender, args=(schild, mode, fmt, params, 1, workdir),
+    receiver = ctx.Process(target=_peers.receiver,
+                           args=(rchild, mode, fmt, into, model, workdir), daemon=True)
+    sender = ctx.Process(target=_peers.sender, args=(schild, mode, fmt, model, workdir),
                          daemon=True)
-    processes = (sender, receiver)
     ok = False
     try:
-        for p in processes:
+        for p in (sender, receiver):
             p.start()
-        _expect(rparent, "alive", 300)
-        _expect(sparent, "alive", 300)
+        expect(rparent, "alive", 300, receiver)
+        expect(sparent, "alive", 300, sender)
         assert receiver.pid is not None and sender.pid is not None
         events: dict[str, float] = {}
+        settle = max(0.02, 3 * interval)
         with RssSampler({"sender": sender.pid, "receiver": receiver.pid},
                         interval=interval) as sampler:
-            time.sleep(max(0.02, 3 * interval))
+            time.sleep(settle)
             events["start"] = sampler.now()
             rparent.send("build")
             sparent.send("build")
-            port = _expect(rparent, "built")
+            port = expect(rparent, "built", _peers.TIMEOUT, receiver)
             events["receiver_built"] = sampler.now()
-            _expect(sparent, "built")
+            expect(sparent, "built", _peers.TIMEOUT, sender)
             events["sender_built"] = sampler.now()
-            time.sleep(max(0.02, 3 * interval))
+            time.sleep(settle)
             events["go"] = sampler.now()
             sparent.send(port)
-            elapsed, wire_bytes = _expect(sparent, "sent")
-            _expect(rparent, "received")
+            elapsed, wire_bytes = expect(sparent, "sent", _peers.TIMEOUT, sender)
+            expect(rparent, "received", _peers.TIMEOUT, receiver)
             events["received"] = sampler.now()
-            err = _expect(rparent, "verified")
+            err = expect(rparent, "verified", _peers.TIMEOUT, receiver)
             events["verified"] = sampler.now()
-            time.sleep(max(0.02, 3 * interval))
+            time.sleep(settle)
+        timelines = {name: tl.samples for name, tl in sampler.timelines.items()}
         figures: dict[str, Any] = {"mode": mode, "format": fmt,
                                    "receiver": into if mode == "container" else None,
                                    "seconds": elapsed, "wire_bytes": wire_bytes,
-                                   "max_abs_err": err, "events": events}
+                                   "max_abs_err": err, "events": events,
+                                   "timelines": timelines}
         for name, timeline in sampler.timelines.items():
             built = events[f"{name}_built"]
             base = timeline.at(built)
@@ -262,11 +165,13 @@ def _one(ctx: Any, mode: str, fmt: str, into: str, params: int, interval: float)
             figures[f"{name}_baseline_mib"] = base / MIB
             figures[f"{name}_peak_abs_mib"] = peak / MIB
             figures[f"{name}_peak_mib"] = (peak - base) / MIB
-        figures["timelines"] = {name: tl.samples for name, tl in sampler.timelines.items()}
+        both = Timeline(0, _plots.combined(timelines))
+        figures["total_peak_mib"] = (_peak(both, events["go"], events["received"])
+                                     - both.at(events["go"])) / MIB
         ok = True
         return figures
     finally:
-        for p in processes:  # after a failure the peer may wait for ever: do not wait
+        for p in (sender, receiver):  # after a failure the peer may wait for ever
             p.join(60 if ok else 1)
             if p.is_alive():
                 p.terminate()
@@ -285,121 +190,196 @@ def _label(fmt: str, mode: str, into: str) -> str:
     return f"{mode}/{fmt}"
 
 
-def profile(params: int, modes: list[str], formats: list[str], into: str = "memory",
-            interval: float = 0.005) -> dict[str, Any]:
-    """Run each (mode, format) once; returns ``{"params", "runs": {label: figures}}``."""
+def _aggregate(repeats: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over repeats; timelines and events of the median run (by the
+    two processes' summed peak), every run's figures under ``repeats``."""
+    order = sorted(range(len(repeats)), key=lambda i: repeats[i]["total_peak_mib"])
+    typical = repeats[order[(len(order) - 1) // 2]]
+    out = {k: v for k, v in typical.items() if k not in MEDIANS}
+    out.update({k: statistics.median(r[k] for r in repeats) for k in MEDIANS})
+    out["max_abs_err"] = max(r["max_abs_err"] for r in repeats)
+    out["repeats"] = repeats
+    return out
+
+
+def profile(model: ModelSource | int, modes: list[str], formats: list[str],
+            into: str | list[str] = "memory", interval: float = 0.005,
+            repeat: int = 1) -> dict[str, Any]:
+    """Run each (mode, format) ``repeat`` times, interleaved.
+
+    ``model`` is a :class:`~llmwire.bench._models.ModelSource` or a number
+    of parameters of a synthetic Llama. Returns ``{"model", "params",
+    "model_bytes", "interval", "repeat", "runs": {label: figures}}``, the
+    figures being medians over the repeats (:func:`_aggregate`).
+    """
+    if isinstance(model, int):
+        model = ModelSource("llama", model)
     ctx = mp.get_context("spawn")
-    runs: dict[str, Any] = {}
-    for mode in modes:
-        for fmt in (["raw"] if mode == "file" else formats):
-            label = _label(fmt, mode, into)
-            if label not in runs:
-                runs[label] = _one(ctx, mode, fmt, into, params, interval)
-    return {"params": params, "interval": interval, "runs": runs}
+    targets = [into] if isinstance(into, str) else into
+    plan = {_label(fmt, mode, target): (mode, fmt, target)
+            for mode in modes for fmt in (["raw"] if mode == "file" else formats)
+            for target in (targets if mode == "container" else targets[:1])}
+    done: dict[str, list[dict[str, Any]]] = {label: [] for label in plan}
+    for _ in range(repeat):
+        for label, (mode, fmt, target) in plan.items():
+            done[label].append(_one(ctx, mode, fmt, target, model, interval))
+    return {"model": model.describe(), "params": model.params, "model_bytes": model.nbytes(),
+            "interval": interval, "repeat": repeat,
+            "runs": {label: _aggregate(rs) for label, rs in done.items()}}
+
+
+def sweep(kind: str, sizes: list[int], modes: list[str], formats: list[str],
+          into: str | list[str] = "memory", interval: float = 0.005, repeat: int = 1) -> list[dict[str, Any]]:
+    """:func:`profile` for a synthetic model of each size in ``sizes`` (bytes
+    of fp32 state), smallest first."""
+    return [profile(ModelSource(kind, max(1, size // 4)), modes, formats, into, interval, repeat)
+            for size in sorted(sizes)]
 
 
 # ------------------------------------------------------------------ outputs
 
 
-def write_csv(result: dict[str, Any], path: str) -> None:
-    """One row per sample: run, process, seconds, rss_bytes, anon_rss_bytes."""
+def write_csv(results: list[dict[str, Any]], path: str) -> None:
+    """One row per sample: params, run, repeat, process, seconds since the
+    transfer started, rss_bytes, anon_rss_bytes."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["run", "process", "seconds", "rss_bytes", "anon_rss_bytes"])
-        for label, r in result["runs"].items():
-            for process, samples in r["timelines"].items():
-                for t, rss, anon in samples:
-                    w.writerow([label, process, f"{t:.4f}", rss, anon])
-
-
-def write_plot(result: dict[str, Any], path: str) -> None:
-    """A PNG: RSS over time since the transfer's start, every run and process."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise RuntimeError("--plot needs matplotlib: pip install 'llmwire[plot]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(10, 5.5))
-    for i, (label, r) in enumerate(result["runs"].items()):
-        go = r["events"]["go"]
-        color = f"C{i % 10}"
-        for process, style in (("sender", "--"), ("receiver", "-")):
-            samples = r["timelines"][process]
-            ax.plot([t - go for t, _, _ in samples], [rss / MIB for _, rss, _ in samples],
-                    style, color=color, label=f"{label} {process}")
-    ax.axvline(0.0, color="grey", linewidth=0.8)
-    ax.set_xlabel("seconds since the transfer started (negative: building the model)")
-    ax.set_ylabel("RSS (MiB)")
-    ax.set_title(f"llmwire profile: {result['params'] / 1e6:g}M parameters over loopback")
-    ax.legend(fontsize="small")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=100)
-    plt.close(fig)
+        w.writerow(["params", "run", "repeat", "process", "seconds", "rss_bytes",
+                    "anon_rss_bytes"])
+        for result in results:
+            for label, r in result["runs"].items():
+                for i, one in enumerate(r["repeats"]):
+                    go = one["events"]["go"]
+                    for process, samples in one["timelines"].items():
+                        for t, rss, anon in samples:
+                            w.writerow([result["params"], label, i, process, f"{t - go:.4f}",
+                                        rss, anon])
 
 
 def _summary(result: dict[str, Any]) -> dict[str, Any]:
-    keys = ("sender_peak_mib", "receiver_peak_mib", "sender_baseline_mib",
-            "receiver_baseline_mib", "sender_peak_abs_mib", "receiver_peak_abs_mib")
-    return {"params": result["params"], "interval": result["interval"],
-            "modes": {label: {**{k: round(r[k], 1) for k in keys},
-                              "seconds": round(r["seconds"], 4), "wire_bytes": r["wire_bytes"],
-                              "max_abs_err": r["max_abs_err"], "mode": r["mode"],
-                              "format": r["format"], "receiver": r["receiver"]}
-                      for label, r in result["runs"].items()}}
+    modes = {}
+    for label, r in result["runs"].items():
+        entry = {k: round(r[k], 4 if k == "seconds" else 1) for k in MEDIANS}
+        entry.update({"wire_bytes": r["wire_bytes"], "max_abs_err": r["max_abs_err"],
+                      "mode": r["mode"], "format": r["format"], "receiver": r["receiver"]})
+        if result["repeat"] > 1:
+            entry["runs"] = {k: [round(one[k], 4 if k == "seconds" else 1)
+                                 for one in r["repeats"]]
+                             for k in ("sender_peak_mib", "receiver_peak_mib",
+                                       "total_peak_mib", "seconds")}
+        modes[label] = entry
+    return {k: result[k] for k in ("model", "params", "model_bytes", "interval", "repeat")} | {
+        "modes": modes}
 
 
-def _table(result: dict[str, Any]) -> str:
-    rows = [[label, f"{r['sender_baseline_mib']:.0f}", f"{r['sender_peak_abs_mib']:.0f}",
-             f"{r['sender_peak_mib']:.0f}", f"{r['receiver_baseline_mib']:.0f}",
-             f"{r['receiver_peak_abs_mib']:.0f}", f"{r['receiver_peak_mib']:.0f}",
-             f"{r['seconds']:.2f}", f"{r['wire_bytes'] / MIB:.1f}"]
-            for label, r in result["runs"].items()]
-    return format_table(["mode", "sender base MiB", "sender peak MiB", "sender +MiB",
-                         "receiver base MiB", "receiver peak MiB", "receiver +MiB",
-                         "seconds", "wire MiB"], rows)
+def _table(results: list[dict[str, Any]]) -> str:
+    rows = []
+    for result in results:
+        for label, r in result["runs"].items():
+            rows.append([label, f"{result['model_bytes'] / MIB:.0f}",
+                         f"{r['sender_baseline_mib']:.0f}", f"{r['sender_peak_mib']:.0f}",
+                         f"{r['receiver_baseline_mib']:.0f}", f"{r['receiver_peak_mib']:.0f}",
+                         f"{r['total_peak_mib']:.0f}", f"{r['seconds']:.2f}",
+                         f"{r['wire_bytes'] / MIB:.1f}"])
+    return format_table(["mode", "model MiB", "sender base MiB", "sender +MiB",
+                         "receiver base MiB", "receiver +MiB", "both +MiB", "seconds",
+                         "wire MiB"], rows)
+
+
+def _usage(message: str) -> int:
+    print(f"llmwire profile: {message}", file=sys.stderr)
+    return 2
 
 
 def run(args: argparse.Namespace) -> int:
-    from .quant.formats import get_format
+    from .quant.formats import parse_format_list
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    bad = [m for m in modes if m not in MODES]
-    if bad or not modes or not formats:
-        print(f"llmwire profile: --modes takes {', '.join(MODES)}", file=sys.stderr)
-        return 2
+    if not modes or any(m not in MODES for m in modes):
+        return _usage(f"--modes takes {', '.join(MODES)}")
+    receivers = list(dict.fromkeys(r.strip() for r in args.receiver.split(",") if r.strip()))
+    if not receivers or any(r not in RECEIVERS for r in receivers):
+        return _usage(f"--receiver takes {', '.join(RECEIVERS)}")
+    try:
+        parsed = parse_format_list(args.formats)
+        if any(nested for _, _, nested in parsed):
+            raise ValueError("--formats: +nested is not profiled (it changes only the "
+                             "size of the scales)")
+        formats = list(dict.fromkeys(fmt for _, fmt, _ in parsed))
+        sizes = ([parse_model_size(s) for s in args.sizes.split(",") if s.strip()]
+                 if args.sizes is not None else None)
+    except (ValueError, LlmwireError) as exc:
+        return _usage(str(exc))
+    if not formats:
+        return _usage("--formats needs at least one format")
     if not 0 < args.interval <= 0.01:
-        print("llmwire profile: --interval must be in (0, 0.01] seconds", file=sys.stderr)
-        return 2
-    for fmt in formats:
-        get_format(fmt)
-    if args.plot:
+        return _usage("--interval must be in (0, 0.01] seconds")
+    if args.repeat < 1:
+        return _usage("--repeat must be at least 1")
+    if sizes is not None and (not sizes or min(sizes) < 4 * 4096):
+        return _usage("--sizes needs model sizes of at least 16 KB")
+    if args.sweep_plot and sizes is None:
+        return _usage("--sweep-plot needs --sizes")
+    if args.model not in SYNTHETIC:
+        if args.params is not None or sizes is not None:
+            return _usage("--params and --sizes are for synthetic models, not --model PATH")
+        if not os.path.isfile(args.model):
+            return _usage(f"--model takes llama, single or a checkpoint file; "
+                          f"{args.model!r} is neither")
+    if args.plot or args.sweep_plot:
         try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            print("llmwire profile: --plot needs matplotlib (pip install 'llmwire[plot]')",
-                  file=sys.stderr)
-            return 2
-    result = profile(args.params, modes, formats, args.receiver, args.interval)
-    if args.csv:
-        write_csv(result, args.csv)
-    if args.plot:
-        write_plot(result, args.plot)
+            _plots.require()
+        except _plots.PlotUnavailable as exc:
+            return _usage(str(exc))
+    try:
+        if sizes is not None:
+            results = sweep(args.model, sizes, modes, formats, receivers, args.interval,
+                            args.repeat)
+        else:
+            model = ModelSource.parse(args.model, args.params or parse_size("25M"))
+            results = [profile(model, modes, formats, receivers, args.interval,
+                               args.repeat)]
+    except RuntimeError as exc:  # a profiled process failed: it said why
+        print(f"llmwire profile: error: {exc}", file=sys.stderr)
+        return 1
+    _write_outputs(args, results)
     if args.json:
-        print(json.dumps(_summary(result)))
+        if sizes is None:
+            print(json.dumps(_summary(results[0])))
+        else:
+            print(json.dumps({"model": args.model, "interval": args.interval,
+                              "repeat": args.repeat,
+                              "sizes": [_summary(r) for r in results]}))
         return 0
-    print(f"memory over loopback: {args.params / 1e6:g}M parameters (llama), RSS sampled every "
-          f"{args.interval * 1000:g} ms; +MiB = peak during the transfer minus the baseline "
-          f"once the process built its model")
-    print(_table(result))
+    what = "medians of %d runs each" % args.repeat if args.repeat > 1 else "one run each"
+    print(f"memory over loopback, {results[-1]['model'] if sizes is None else args.model}; "
+          f"RSS sampled every {args.interval * 1000:g} ms, {what}. +MiB: peak during the "
+          f"transfer minus the process's RSS once it built its model; both: the two "
+          f"processes' summed RSS")
+    print(_table(results))
     return 0
+
+
+def _write_outputs(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
+    if args.csv:
+        write_csv(results, args.csv)
+    last = results[-1]
+    if args.plot:
+        _plots.timelines(last["runs"], f"llmwire profile: {last['model']}, memory over time "
+                                       f"(dots: everything received)", args.plot)
+    if args.sweep_plot:
+        _plots.sweep([{"model_bytes": r["model_bytes"], "modes": _summary(r)["modes"]}
+                      for r in results],
+                     f"llmwire profile: peak memory over baseline against model size "
+                     f"({args.model})", args.sweep_plot)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memprofile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    try:
+        return run(parser.parse_args(argv))
+    except (LlmwireError, OSError) as exc:
+        print(f"memprofile: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1

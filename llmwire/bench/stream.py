@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 from ..synthetic import parse_size
+from ._procs import expect
 from ._rss import RssSampler
 from ._timing import format_table
 from .wire import _one_run, _raw_receiver, _raw_sender, accept_one
@@ -158,15 +159,6 @@ def _sender(conn: Any, port: int, params: int, fmt: str, seed: int, model: str,
     conn.send(("sent", llmwire.run(main())))
 
 
-def _expect(conn: Any, kind: str, timeout: float = 900) -> Any:
-    if not conn.poll(timeout):
-        raise RuntimeError(f"no {kind!r} from a benchmark process within {timeout}s")
-    got, value = conn.recv()
-    if got != kind:
-        raise RuntimeError(f"expected {kind!r}, got {got!r}")
-    return value
-
-
 def _one_transfer(ctx: Any, params: int, fmt: str, into: str, model: str = "llama",
                   check: bool = True, nested: bool = False) -> dict[str, Any]:
     rparent, rchild = ctx.Pipe()
@@ -175,19 +167,19 @@ def _one_transfer(ctx: Any, params: int, fmt: str, into: str, model: str = "llam
     receiver.start()
     sender = None
     try:
-        port = _expect(rparent, "ready", 300)
+        port = expect(rparent, "ready", 300)
         sender = ctx.Process(target=_sender, args=(schild, port, params, fmt, 1, model, nested))
         sender.start()
-        _expect(sparent, "ready", 300)
+        expect(sparent, "ready", 300)
         assert receiver.pid is not None and sender.pid is not None
         with RssSampler({"sender": sender.pid, "receiver": receiver.pid}) as sampler:
             time.sleep(0.05)
             start = sampler.now()
             sparent.send("go")
-            elapsed, tensor_bytes, wire_bytes = _expect(sparent, "sent")
-            _expect(rparent, "received")
+            elapsed, tensor_bytes, wire_bytes = expect(sparent, "sent")
+            expect(rparent, "received")
         rparent.send("check")
-        error = _expect(rparent, "error")
+        error = expect(rparent, "error")
         figures = {}
         for name, timeline in sampler.timelines.items():
             base = timeline.at(start)

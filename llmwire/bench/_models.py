@@ -1,0 +1,117 @@
+"""Where a profiled process gets its state dict: synthetic, or a user's checkpoint.
+
+A :class:`ModelSource` is small and picklable, so the parent process checks
+it once and hands it to the sender and receiver processes, which each build
+their own copy. A user's checkpoint (``.safetensors``, or a torch checkpoint
+``.pt``/``.pth``/``.bin`` holding a state dict) is *loaded into private
+memory* by :meth:`ModelSource.build`, as a training process holds its model;
+the lazy, memory-mapped view (:meth:`ModelSource.reference`) serves for
+shapes and for checking what arrived without counting against the peak.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import LlmwireError, PayloadError
+
+__all__ = ["ModelSource", "SYNTHETIC"]
+
+SYNTHETIC = ("llama", "single")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """``kind`` is ``llama`` or ``single`` (synthetic, ``params`` elements,
+    seeded) or ``path`` (a checkpoint file at ``path``)."""
+
+    kind: str
+    params: int = 0
+    path: str | None = None
+    seed: int = 1
+
+    @classmethod
+    def parse(cls, model: str, params: int) -> "ModelSource":
+        """``--model``: ``llama``, ``single`` or the path of a checkpoint.
+
+        A path is checked here, in the calling process: it must exist and be
+        a safetensors file or a torch checkpoint holding a state dict
+        (:class:`~llmwire.errors.PayloadError` otherwise).
+        """
+        if model in SYNTHETIC:
+            return cls(model, params)
+        from ..transfer import state_dict_kind
+
+        if not os.path.isfile(model):
+            raise LlmwireError(f"--model takes llama, single or a checkpoint file; "
+                               f"{model!r} is neither")
+        if state_dict_kind(model) is None:
+            raise PayloadError(f"{model!r} is not a checkpoint (expected .safetensors, or a "
+                               f".pt/.pth/.bin torch checkpoint)")
+        source = cls("path", 0, os.path.abspath(model))
+        lazy = source.reference()
+        if not lazy:
+            raise PayloadError(f"{model!r} holds no tensors")
+        return cls("path", sum(int(t.numel()) for t in lazy.values()), source.path)
+
+    def with_params(self, params: int) -> "ModelSource":
+        return ModelSource(self.kind, params, self.path, self.seed)
+
+    def describe(self) -> str:
+        if self.kind == "path":
+            return f"{os.path.basename(self.path or '')} ({self.params / 1e6:.4g}M parameters)"
+        return f"{self.params / 1e6:.4g}M parameters ({self.kind})"
+
+    def reference(self) -> dict[str, Any]:
+        """The state dict as cheaply as possible: synthetic tensors are built,
+        a checkpoint is mapped (pages read only when touched)."""
+        if self.kind != "path":
+            from ..synthetic import make_state_dict
+            return make_state_dict(self.kind, self.params, seed=self.seed)
+        from ..transfer import load_safetensors_lazily, load_torch_checkpoint, state_dict_kind
+
+        assert self.path is not None
+        if state_dict_kind(self.path) == "safetensors":
+            return load_safetensors_lazily(self.path)
+        return load_torch_checkpoint(self.path)
+
+    def build(self) -> dict[str, Any]:
+        """The state dict in the process's own memory, as a trainer holds it."""
+        state = self.reference()
+        if self.kind == "path":
+            state = {name: t.clone() for name, t in state.items()}
+        return state
+
+    def zeros(self) -> dict[str, Any]:
+        """Zero tensors of the same names, shapes and dtypes (in-place targets)."""
+        import torch
+
+        if self.kind == "llama":  # no need to draw the random values
+            from ..synthetic import llama_shapes
+            return {name: torch.zeros(shape) for name, shape in llama_shapes(self.params).items()}
+        return {name: torch.zeros(t.shape, dtype=t.dtype)
+                for name, t in self.reference().items()}
+
+    def checkpoint(self, workdir: str) -> str:
+        """A checkpoint file for file mode: the user's own, or the synthetic
+        state dict saved as safetensors under ``workdir``."""
+        if self.kind == "path":
+            assert self.path is not None
+            return self.path
+        from safetensors.torch import save_file
+
+        path = os.path.join(workdir, "model.safetensors")
+        save_file(self.reference(), path)
+        return path
+
+    def nbytes(self) -> int:
+        """Bytes of the state dict's tensors (fp32 for synthetic models)."""
+        if self.kind == "llama":
+            from ..synthetic import llama_shapes
+            return 4 * sum(math.prod(shape) for shape in llama_shapes(self.params).values())
+        if self.kind == "single":
+            return 4 * 4096 * max(1, self.params // 4096)
+        return sum(int(t.numel()) * t.element_size() for t in self.reference().values())
