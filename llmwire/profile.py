@@ -277,13 +277,13 @@ def _table(results: list[dict[str, Any]]) -> str:
     for result in results:
         for label, r in result["runs"].items():
             rows.append([label, f"{result['model_bytes'] / MIB:.0f}",
-                         f"{r['sender_baseline_mib']:.0f}", f"{r['sender_peak_mib']:.0f}",
-                         f"{r['receiver_baseline_mib']:.0f}", f"{r['receiver_peak_mib']:.0f}",
+                         *(f"{r[f'{p}_{k}_mib']:.0f}" for p in PROCESSES
+                           for k in ("baseline", "peak_abs", "peak")),
                          f"{r['total_peak_mib']:.0f}", f"{r['seconds']:.2f}",
                          f"{r['wire_bytes'] / MIB:.1f}"])
-    return format_table(["mode", "model MiB", "sender base MiB", "sender +MiB",
-                         "receiver base MiB", "receiver +MiB", "both +MiB", "seconds",
-                         "wire MiB"], rows)
+    return format_table(["mode", "model MiB",
+                         *(f"{p} {k}" for p in PROCESSES for k in ("base", "peak", "+MiB")),
+                         "both +MiB", "seconds", "wire MiB"], rows)
 
 
 def _usage(message: str) -> int:
@@ -353,9 +353,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     what = "medians of %d runs each" % args.repeat if args.repeat > 1 else "one run each"
     print(f"memory over loopback, {results[-1]['model'] if sizes is None else args.model}; "
-          f"RSS sampled every {args.interval * 1000:g} ms, {what}. +MiB: peak during the "
-          f"transfer minus the process's RSS once it built its model; both: the two "
-          f"processes' summed RSS")
+          f"RSS sampled every {args.interval * 1000:g} ms, {what}. base: RSS (MiB) once the "
+          f"process built its model; peak: highest RSS during the transfer; +MiB: peak - "
+          f"base; both +MiB: the same for the two processes' summed RSS")
     print(_table(results))
     return 0
 

@@ -3,6 +3,8 @@
 A thin wrapper around ``llmwire.profile`` (also ``llmwire profile``):
 
     python3 tools/memprofile.py --params 100M --csv mem.csv --plot mem.png
+    python3 tools/memprofile.py --sizes 0.25,0.5,1,2 --repeat 3 --sweep-plot sweep.png
+    python3 tools/memprofile.py --model my.safetensors --formats raw,nf4 --receiver inplace
 """
 
 import pathlib

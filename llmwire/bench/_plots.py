@@ -55,7 +55,9 @@ def _finish(plt: Any, fig: Any, axes: Iterable[Any], path: str) -> None:
 
 
 def timelines(runs: dict[str, Any], title: str, path: str) -> None:
-    """RSS (GiB) against seconds since the transfer started, one line per run.
+    """RSS (GiB) against seconds since the transfer started, one line per run,
+    from before the model is built until the receiver has everything (a dot;
+    the receiver's verification afterwards is left out of the picture).
 
     ``runs`` maps a label to figures holding ``timelines`` (process → samples)
     and ``events`` (``go``, ``received``).
@@ -63,16 +65,15 @@ def timelines(runs: dict[str, Any], title: str, path: str) -> None:
     plt = require()
     fig, axes = _figure(plt, title)
     for i, (label, r) in enumerate(runs.items()):
-        go = r["events"]["go"]
+        go, done = r["events"]["go"], r["events"]["received"]
         series = {**r["timelines"], "total": combined(r["timelines"])}
         for ax, (process, _) in zip(axes, PANELS):
-            samples = series[process]
+            samples = [s for s in series[process] if s[0] <= done]
             ax.plot([t - go for t, _, _ in samples], [rss / GIB for _, rss, _ in samples],
                     color=f"C{i % 10}", linewidth=1.2, label=label)
-            done = r["events"]["received"]
-            at = [rss for t, rss, _ in samples if t <= done]
-            if at:
-                ax.plot([done - go], [at[-1] / GIB], "o", color=f"C{i % 10}", markersize=4)
+            if samples:
+                ax.plot([done - go], [samples[-1][1] / GIB], "o", color=f"C{i % 10}",
+                        markersize=4)
     for ax, (_, name) in zip(axes, PANELS):
         ax.axvline(0.0, color="grey", linewidth=0.8)
         ax.set_title(name)
@@ -99,7 +100,9 @@ def sweep(points: list[dict[str, Any]], title: str, path: str) -> None:
             xs = [p["model_bytes"] / GIB for p in points if label in p["modes"]]
             ys = [p["modes"][label][f"{process}_peak_mib"] / 1024 for p in points
                   if label in p["modes"]]
-            ax.plot(xs, ys, "o-", color=f"C{i % 10}", label=label)
+            # distinct markers, the first lines drawn largest: equal figures stay visible
+            ax.plot(xs, ys, "-", marker="osD^v<>p"[i % 8], markersize=max(3, 9 - 2 * i),
+                    color=f"C{i % 10}", label=label)
         ax.set_title(name)
         ax.set_xlabel("model size (GiB)")
         ax.set_ylabel("peak over baseline (GiB)")
