@@ -21,41 +21,44 @@ The model is a synthetic Llama-shaped state dict of ``--params`` parameters
 (``--model PATH``: .safetensors, or a torch .pt/.pth/.bin state dict), which
 the sender loads into memory as a trainer holds it.
 
-Figures per process: the baseline (RSS when the process reports its model
-built: the sender's state dict, the in-place receiver's target tensors, the
-file sender's checkpoint written and dropped), the peak during the transfer
-(from that moment until the receiver has everything, before verification)
-and peak minus baseline; ``both`` is the two processes' summed RSS (the
-paper's whole-machine view), its peak minus the sum when the transfer
-starts. ``seconds`` is the sender's clock from its first byte to the
-receiver's acknowledgement. ``--repeat N`` runs every mode N times,
-interleaved, and reports medians; ``--sizes`` repeats all of it per model
-size and draws peak against size (``--sweep-plot``).
+Figures per process: the baseline (RSS when the transfer starts, both
+processes having built their models: the sender's state dict, the in-place
+receiver's target tensors, the file sender's checkpoint written and
+dropped), the peak from then until the receiver has everything (it checks
+what arrived only afterwards, so the check is not counted), and peak minus
+baseline; ``both`` is the same for the two processes' summed RSS (the
+paper's whole-machine view). ``seconds`` is the sender's clock from its
+connection being up to the receiver's acknowledgement. ``--repeat N`` runs
+every mode N times, interleaved, and reports medians; ``--sizes`` repeats all
+of it per model size and draws peak against size (``--sweep-plot``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
+import math
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from .bench import _peers, _plots
-from .bench._models import SYNTHETIC, ModelSource
-from .bench._procs import expect
+from .bench._models import MIN_PARAMS, SYNTHETIC, ModelSource
+from .bench._procs import ChildFailed, expect
 from .bench._rss import RssSampler, Timeline
 from .bench._timing import format_table
 from .errors import LlmwireError
 from .synthetic import parse_size
 
-__all__ = ["MODES", "RECEIVERS", "add_arguments", "profile", "sweep", "run", "main",
+__all__ = ["MODES", "RECEIVERS", "add_arguments", "profile", "run", "main",
            "parse_model_size", "write_csv"]
 
 MIB = 1 << 20
@@ -90,6 +93,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run every mode N times, interleaved; report medians (default: 1)")
     parser.add_argument("--interval", type=float, default=0.005,
                         help="sampling interval in seconds, at most 0.01 (default: 0.005)")
+    parser.add_argument("--dir", default=None,
+                        help="where runs keep their files (file mode's checkpoint and its "
+                             "received copy; default: the system's temp directory, which "
+                             "must not be a RAM disk for honest file-mode figures)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--csv", metavar="PATH", help="write every sample of every run as CSV")
     parser.add_argument("--plot", metavar="PATH",
@@ -104,20 +111,23 @@ def parse_model_size(text: str) -> int:
     ``500MB``, ``512MiB``, ``2GB``, ``1.5GiB`` are taken as written."""
     s = text.strip()
     try:
-        return int(float(s) * 1e9)
+        value = float(s) * 1e9
     except ValueError:
-        pass
-    if not s.lower().endswith(("mb", "mib", "gb", "gib")):
-        raise ValueError(f"not a model size: {text!r} (use GB, e.g. 0.25, or 500MB, 2GiB)")
-    return parse_size(s)
+        if not s.lower().endswith(("mb", "mib", "gb", "gib")):
+            raise ValueError(f"not a model size: {text!r} (use GB, e.g. 0.25, or 500MB, "
+                             f"2GiB)") from None
+        value = parse_size(s)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"not a model size: {text!r} (must be finite and positive)")
+    return int(value)
 
 
 # --------------------------------------------------------------------- runs
 
 
 def _one(ctx: Any, mode: str, fmt: str, into: str, model: ModelSource,
-         interval: float) -> dict[str, Any]:
-    workdir = tempfile.mkdtemp(prefix="llmwire-profile-")
+         interval: float, workroot: str | None) -> dict[str, Any]:
+    workdir = tempfile.mkdtemp(prefix="llmwire-profile-", dir=workroot)
     rparent, rchild = ctx.Pipe()
     sparent, schild = ctx.Pipe()
     receiver = ctx.Process(target=_peers.receiver,
@@ -125,11 +135,18 @@ def _one(ctx: Any, mode: str, fmt: str, into: str, model: ModelSource,
     sender = ctx.Process(target=_peers.sender, args=(schild, mode, fmt, model, workdir),
                          daemon=True)
     ok = False
+
+    def from_receiver(kind: str, timeout: float = _peers.TIMEOUT) -> Any:
+        return expect(rparent, kind, timeout, receiver, "the receiver process")
+
+    def from_sender(kind: str, timeout: float = _peers.TIMEOUT) -> Any:
+        return expect(sparent, kind, timeout, sender, "the sender process")
+
     try:
         for p in (sender, receiver):
             p.start()
-        expect(rparent, "alive", 300, receiver)
-        expect(sparent, "alive", 300, sender)
+        from_receiver("alive", 300)
+        from_sender("alive", 300)
         assert receiver.pid is not None and sender.pid is not None
         events: dict[str, float] = {}
         settle = max(0.02, 3 * interval)
@@ -139,17 +156,24 @@ def _one(ctx: Any, mode: str, fmt: str, into: str, model: ModelSource,
             events["start"] = sampler.now()
             rparent.send("build")
             sparent.send("build")
-            port = expect(rparent, "built", _peers.TIMEOUT, receiver)
+            port = from_receiver("built")
             events["receiver_built"] = sampler.now()
-            expect(sparent, "built", _peers.TIMEOUT, sender)
+            from_sender("built")
             events["sender_built"] = sampler.now()
             time.sleep(settle)
             events["go"] = sampler.now()
             sparent.send(port)
-            elapsed, wire_bytes = expect(sparent, "sent", _peers.TIMEOUT, sender)
-            expect(rparent, "received", _peers.TIMEOUT, receiver)
+            try:
+                elapsed, wire_bytes = from_sender("sent")
+            except ChildFailed as exc:
+                # if the sender only saw the receiver go away, the receiver says why
+                if exc.collateral and rparent.poll(2):
+                    from_receiver("received")  # raises the receiver's own failure
+                raise
+            from_receiver("received")
             events["received"] = sampler.now()
-            err = expect(rparent, "verified", _peers.TIMEOUT, receiver)
+            rparent.send("verify")
+            err = from_receiver("verified")
             events["verified"] = sampler.now()
             time.sleep(settle)
         timelines = {name: tl.samples for name, tl in sampler.timelines.items()}
@@ -158,16 +182,14 @@ def _one(ctx: Any, mode: str, fmt: str, into: str, model: ModelSource,
                                    "seconds": elapsed, "wire_bytes": wire_bytes,
                                    "max_abs_err": err, "events": events,
                                    "timelines": timelines}
+        go, received = events["go"], events["received"]
         for name, timeline in sampler.timelines.items():
-            built = events[f"{name}_built"]
-            base = timeline.at(built)
-            peak = _peak(timeline, built, events["received"])
+            base, peak = timeline.at(go), _peak(timeline, go, received)
             figures[f"{name}_baseline_mib"] = base / MIB
             figures[f"{name}_peak_abs_mib"] = peak / MIB
             figures[f"{name}_peak_mib"] = (peak - base) / MIB
         both = Timeline(0, _plots.combined(timelines))
-        figures["total_peak_mib"] = (_peak(both, events["go"], events["received"])
-                                     - both.at(events["go"])) / MIB
+        figures["total_peak_mib"] = (_peak(both, go, received) - both.at(go)) / MIB
         ok = True
         return figures
     finally:
@@ -204,13 +226,15 @@ def _aggregate(repeats: list[dict[str, Any]]) -> dict[str, Any]:
 
 def profile(model: ModelSource | int, modes: list[str], formats: list[str],
             into: str | list[str] = "memory", interval: float = 0.005,
-            repeat: int = 1) -> dict[str, Any]:
+            repeat: int = 1, workdir: str | None = None) -> dict[str, Any]:
     """Run each (mode, format) ``repeat`` times, interleaved.
 
     ``model`` is a :class:`~llmwire.bench._models.ModelSource` or a number
-    of parameters of a synthetic Llama. Returns ``{"model", "params",
-    "model_bytes", "interval", "repeat", "runs": {label: figures}}``, the
-    figures being medians over the repeats (:func:`_aggregate`).
+    of parameters of a synthetic Llama; ``workdir`` holds each run's files
+    (file mode's checkpoint and received copy; default: the system's temp
+    directory). Returns ``{"model", "params", "model_bytes", "interval",
+    "repeat", "runs": {label: figures}}``, the figures being medians over
+    the repeats (:func:`_aggregate`).
     """
     if isinstance(model, int):
         model = ModelSource("llama", model)
@@ -222,18 +246,10 @@ def profile(model: ModelSource | int, modes: list[str], formats: list[str],
     done: dict[str, list[dict[str, Any]]] = {label: [] for label in plan}
     for _ in range(repeat):
         for label, (mode, fmt, target) in plan.items():
-            done[label].append(_one(ctx, mode, fmt, target, model, interval))
-    return {"model": model.describe(), "params": model.params, "model_bytes": model.nbytes(),
+            done[label].append(_one(ctx, mode, fmt, target, model, interval, workdir))
+    return {"model": model.describe(), "params": model.count(), "model_bytes": model.nbytes(),
             "interval": interval, "repeat": repeat,
             "runs": {label: _aggregate(rs) for label, rs in done.items()}}
-
-
-def sweep(kind: str, sizes: list[int], modes: list[str], formats: list[str],
-          into: str | list[str] = "memory", interval: float = 0.005, repeat: int = 1) -> list[dict[str, Any]]:
-    """:func:`profile` for a synthetic model of each size in ``sizes`` (bytes
-    of fp32 state), smallest first."""
-    return [profile(ModelSource(kind, max(1, size // 4)), modes, formats, into, interval, repeat)
-            for size in sorted(sizes)]
 
 
 # ------------------------------------------------------------------ outputs
@@ -316,32 +332,41 @@ def run(args: argparse.Namespace) -> int:
         return _usage("--interval must be in (0, 0.01] seconds")
     if args.repeat < 1:
         return _usage("--repeat must be at least 1")
-    if sizes is not None and (not sizes or min(sizes) < 4 * 4096):
-        return _usage("--sizes needs model sizes of at least 16 KB")
     if args.sweep_plot and sizes is None:
         return _usage("--sweep-plot needs --sizes")
-    if args.model not in SYNTHETIC:
+    if args.dir is not None and not os.path.isdir(args.dir):
+        return _usage(f"--dir {args.dir!r} is not a directory")
+    if args.model in SYNTHETIC:
+        if sizes is not None and args.params is not None:
+            return _usage("give --params or --sizes, not both")
+        least = MIN_PARAMS[args.model]
+        params = [s // 4 for s in sizes] if sizes is not None else [
+            25_000_000 if args.params is None else args.params]
+        if not params or min(params) < least:
+            return _usage(f"the {args.model} model needs at least {least} parameters")
+        models = [ModelSource(args.model, p) for p in sorted(set(params))]
+    else:
         if args.params is not None or sizes is not None:
             return _usage("--params and --sizes are for synthetic models, not --model PATH")
         if not os.path.isfile(args.model):
             return _usage(f"--model takes llama, single or a checkpoint file; "
                           f"{args.model!r} is neither")
+        try:
+            models = [ModelSource.parse(args.model, 0)]
+        except (LlmwireError, OSError) as exc:
+            return _error(" ".join(str(exc).split()))
     if args.plot or args.sweep_plot:
         try:
             _plots.require()
         except _plots.PlotUnavailable as exc:
             return _usage(str(exc))
+    _warn_if_too_big(models[-1], modes)
     try:
-        if sizes is not None:
-            results = sweep(args.model, sizes, modes, formats, receivers, args.interval,
-                            args.repeat)
-        else:
-            model = ModelSource.parse(args.model, args.params or parse_size("25M"))
-            results = [profile(model, modes, formats, receivers, args.interval,
-                               args.repeat)]
+        with _sigterm_as_exit():
+            results = [profile(m, modes, formats, receivers, args.interval, args.repeat,
+                               args.dir) for m in models]
     except RuntimeError as exc:  # a profiled process failed: it said why
-        print(f"llmwire profile: error: {exc}", file=sys.stderr)
-        return 1
+        return _error(str(exc))
     _write_outputs(args, results)
     if args.json:
         if sizes is None:
@@ -353,11 +378,52 @@ def run(args: argparse.Namespace) -> int:
         return 0
     what = "medians of %d runs each" % args.repeat if args.repeat > 1 else "one run each"
     print(f"memory over loopback, {results[-1]['model'] if sizes is None else args.model}; "
-          f"RSS sampled every {args.interval * 1000:g} ms, {what}. base: RSS (MiB) once the "
-          f"process built its model; peak: highest RSS during the transfer; +MiB: peak - "
-          f"base; both +MiB: the same for the two processes' summed RSS")
+          f"RSS sampled every {args.interval * 1000:g} ms, {what}. base: RSS (MiB) when the "
+          f"transfer starts, model built; peak: highest RSS until the receiver has "
+          f"everything; +MiB: peak - base; both +MiB: the same for the two processes' "
+          f"summed RSS")
     print(_table(results))
     return 0
+
+
+def _error(message: str) -> int:
+    print(f"llmwire profile: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _warn_if_too_big(model: ModelSource, modes: list[str]) -> None:
+    """A line on stderr when the largest run may not fit in this machine's
+    available memory (regular mode holds about five copies across the two
+    processes, the others about two, plus the receiver's check)."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        available = info["MemAvailable"]
+    except (OSError, KeyError, ValueError, IndexError):
+        return
+    need = model.nbytes() * (6 if "regular" in modes else 3)
+    if need > available:
+        print(f"llmwire profile: warning: {model.describe()} may need about "
+              f"{need / 2**30:.1f} GiB and {available / 2**30:.1f} GiB is available; a run "
+              f"killed for memory is reported as such", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM ends the profile like Ctrl-C: runs' temp directories are
+    removed and the profiled processes stopped on the way out."""
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _write_outputs(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from llmwire.bench._models import ModelSource
 from llmwire.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, main
 from llmwire.profile import _aggregate, parse_model_size, profile
 
@@ -54,7 +55,8 @@ def test_json_csv_and_png_for_every_mode(tmp_path: pathlib.Path,
         rows = list(csv.DictReader(f))
     assert {r["run"] for r in rows} == set(modes)
     assert {r["process"] for r in rows} == {"sender", "receiver"}
-    assert {r["repeat"] for r in rows} == {"0"} and {r["params"] for r in rows} == {"1000000"}
+    assert {r["repeat"] for r in rows} == {"0"}
+    assert {r["params"] for r in rows} == {str(out["params"])}
     for label in modes:
         times = [float(r["seconds"]) for r in rows
                  if r["run"] == label and r["process"] == "sender"]
@@ -85,7 +87,9 @@ def test_repeats_report_medians_and_sizes_sweep(tmp_path: pathlib.Path,
                  "--json", "--sweep-plot", str(sweep_png), "--csv", str(csv_path)]) == EXIT_OK
     out = _json(capsys)
     points = out["sizes"]
-    assert [p["params"] for p in points] == [1_000_000, 2_000_000]  # smallest first
+    # smallest first; a synthetic Llama has about the parameters asked for
+    assert [p["params"] for p in points] == [ModelSource("llama", n).count()
+                                             for n in (1_000_000, 2_000_000)]
     assert points[0]["model_bytes"] < points[1]["model_bytes"]
     for point in points:
         r = point["modes"]["container/raw/memory"]
@@ -97,12 +101,13 @@ def test_repeats_report_medians_and_sizes_sweep(tmp_path: pathlib.Path,
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
     assert {(r["params"], r["repeat"]) for r in rows} == {
-        (p, i) for p in ("1000000", "2000000") for i in ("0", "1", "2")}
+        (str(p["params"]), i) for p in points for i in ("0", "1", "2")}
 
 
 def test_users_checkpoints(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--model PATH: a safetensors file with bf16, fp16 and integer tensors, and
-    a torch checkpoint wrapping its state dict; every receiver verifies."""
+    a torch checkpoint wrapping a state dict with a tied and a transposed
+    weight; every mode and receiver verifies."""
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(3)
@@ -111,7 +116,6 @@ def test_users_checkpoints(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture
              "norm.weight": torch.ones(256), "step": torch.tensor([12], dtype=torch.int64)}
     st_path, pt_path = tmp_path / "user.safetensors", tmp_path / "user.pt"
     save_file(state, str(st_path))
-    torch.save({"state_dict": state, "epoch": 4}, pt_path)
 
     assert main(["profile", "--model", str(st_path), "--formats", "nf4", "--receiver",
                  "inplace,safetensors", "--json"]) == EXIT_OK
@@ -126,20 +130,28 @@ def test_users_checkpoints(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture
     for label in ("regular/nf4", "container/nf4/inplace", "container/nf4/safetensors"):
         assert 0 < modes[label]["max_abs_err"] < 1, label  # bf16 weights in nf4
 
-    assert main(["profile", "--model", str(pt_path), "--modes", "regular,container",
-                 "--json"]) == EXIT_OK
-    modes = _json(capsys)["modes"]
+    # a torch checkpoint with a tied weight and a transposed (non-contiguous) one
+    tied = {"embed.weight": state["proj.weight"].float(), "lm_head.weight": None,
+            "proj_t.weight": state["proj.weight"].t(), "step": state["step"]}
+    tied["lm_head.weight"] = tied["embed.weight"]
+    torch.save({"state_dict": tied, "epoch": 4}, pt_path)
+    assert main(["profile", "--model", str(pt_path), "--json"]) == EXIT_OK
+    out = _json(capsys)
+    assert out["params"] == 2 * 256 * 256 + 1  # the tied weight once
+    modes = out["modes"]
     assert modes["regular/raw"]["max_abs_err"] == 0.0
     assert modes["container/raw/memory"]["max_abs_err"] == 0.0
-    assert modes["container/raw/memory"]["wire_bytes"] >= out["model_bytes"]
+    assert modes["file/raw"]["wire_bytes"] == pt_path.stat().st_size
+    # the sender holds the tied weight once, as the checkpoint does
+    assert modes["container/raw/memory"]["wire_bytes"] < 2 * 256 * 256 * 4
 
 
 def test_regular_mode_peaks_above_container_mode() -> None:
-    """50M parameters (200 MB fp32): the regular receiver holds the message and
+    """20M parameters (80 MB fp32): the regular receiver holds the message and
     the unpacked tensors, the sender the serialized copy; container mode neither."""
-    r = profile(50_000_000, ["regular", "container"], ["raw"], "memory")["runs"]
+    r = profile(20_000_000, ["regular", "container"], ["raw"], "memory")["runs"]
     regular, container = r["regular/raw"], r["container/raw/memory"]
-    model_mib = 50_000_000 * 4 / 2**20
+    model_mib = 20_000_000 * 4 / 2**20
     assert regular["receiver_peak_mib"] > container["receiver_peak_mib"] + model_mib / 2
     assert regular["sender_peak_mib"] > container["sender_peak_mib"] + model_mib / 2
     assert regular["total_peak_mib"] > container["total_peak_mib"] + model_mib / 2
@@ -151,12 +163,14 @@ def test_regular_mode_peaks_above_container_mode() -> None:
 
 
 def test_a_failing_process_is_one_line_and_exit_1(
-        tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: pathlib.Path, capfd: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "complex.pt"
     torch.save({"w": torch.zeros(8, dtype=torch.complex64)}, path)
     assert main(["profile", "--model", str(path), "--modes", "container"]) == EXIT_ERROR
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("llmwire profile: error:") and "complex64" in err[-1]
+    err = capfd.readouterr().err.strip().splitlines()  # the children's stderr too
+    assert len(err) == 1, err
+    assert err[0].startswith("llmwire profile: error: the sender process failed")
+    assert "complex64" in err[0]
 
 
 def test_usage_errors(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
@@ -167,12 +181,14 @@ def test_usage_errors(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
              ["--receiver", "disk"], ["--formats", "nf4+nested"], ["--formats", "zz"],
              ["--sizes", "1x"], ["--sizes", "0"], ["--sweep-plot", "s.png"],
              ["--model", str(tmp_path / "missing.pt")],
-             ["--model", str(text), "--params", "1M"]]
+             ["--model", str(text), "--params", "1M"], ["--params", "0"],
+             ["--params", "5000"], ["--sizes", "inf"], ["--sizes", "-1"],
+             ["--sizes", "1", "--params", "1M"], ["--dir", str(tmp_path / "none")]]
     for argv in usage:
         assert main(["profile", *argv]) == EXIT_USAGE, argv
         assert capsys.readouterr().err.startswith("llmwire profile: "), argv
     assert main(["profile", "--model", str(text)]) == EXIT_ERROR  # exists, not a checkpoint
-    assert "not a checkpoint" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("llmwire profile: error: ")
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert main(["profile", "--plot", "x.png"]) == EXIT_USAGE
     assert "needs matplotlib" in capsys.readouterr().err
@@ -204,8 +220,32 @@ def test_aggregate_takes_medians_and_the_median_run() -> None:
     assert len(out["repeats"]) == 4
 
 
+def test_max_err_compares_in_chunks() -> None:
+    from llmwire.bench._peers import _max_err
+
+    g = torch.Generator().manual_seed(5)
+    want = {"a": torch.randn(1000, 7, generator=g), "b": torch.zeros(0)}
+    got = {"a": want["a"].clone(), "b": torch.zeros(0)}
+    got["a"][999, 6] += 0.5  # in the last chunk
+    whole = _max_err(got, want)
+    assert whole == pytest.approx(0.5, abs=1e-6)
+    assert _max_err(got, want, chunk=64) == whole
+    with pytest.raises(RuntimeError, match="arrived as"):
+        _max_err({"a": got["a"].t(), "b": got["b"]}, want)
+
+
+def test_a_model_too_big_for_the_machine_is_warned_about(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from llmwire.profile import _warn_if_too_big
+
+    _warn_if_too_big(ModelSource("llama", 10**6), ["container"])
+    assert capsys.readouterr().err == ""
+    _warn_if_too_big(ModelSource("llama", 10**14), ["regular"])  # 400 TB
+    assert "warning" in capsys.readouterr().err
+
+
 def test_tools_wrapper_help() -> None:
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "memprofile.py"), "--help"],
                          capture_output=True, text=True, timeout=60, check=True).stdout
-    for flag in ("--plot", "--csv", "--sizes", "--repeat", "--model", "--sweep-plot"):
+    for flag in ("--plot", "--csv", "--sizes", "--repeat", "--model", "--sweep-plot", "--dir"):
         assert flag in out

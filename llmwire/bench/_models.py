@@ -18,9 +18,11 @@ from typing import Any
 
 from ..errors import LlmwireError, PayloadError
 
-__all__ = ["ModelSource", "SYNTHETIC"]
+__all__ = ["ModelSource", "SYNTHETIC", "MIN_PARAMS"]
 
 SYNTHETIC = ("llama", "single")
+#: the smallest synthetic models, in parameters
+MIN_PARAMS = {"llama": 10_000, "single": 4096}
 
 
 @dataclass(frozen=True)
@@ -52,18 +54,19 @@ class ModelSource:
             raise PayloadError(f"{model!r} is not a checkpoint (expected .safetensors, or a "
                                f".pt/.pth/.bin torch checkpoint)")
         source = cls("path", 0, os.path.abspath(model))
-        lazy = source.reference()
-        if not lazy:
+        if not source.reference():
             raise PayloadError(f"{model!r} holds no tensors")
-        return cls("path", sum(int(t.numel()) for t in lazy.values()), source.path)
+        return cls("path", source.count(), source.path)
 
     def with_params(self, params: int) -> "ModelSource":
         return ModelSource(self.kind, params, self.path, self.seed)
 
     def describe(self) -> str:
+        n = self.count()
+        count = f"{n / 1e6:.4g}M parameters" if n >= 10**6 else f"{n:,} parameters"
         if self.kind == "path":
-            return f"{os.path.basename(self.path or '')} ({self.params / 1e6:.4g}M parameters)"
-        return f"{self.params / 1e6:.4g}M parameters ({self.kind})"
+            return f"{os.path.basename(self.path or '')} ({count})"
+        return f"{count} ({self.kind})"
 
     def reference(self) -> dict[str, Any]:
         """The state dict as cheaply as possible: synthetic tensors are built,
@@ -79,11 +82,24 @@ class ModelSource:
         return load_torch_checkpoint(self.path)
 
     def build(self) -> dict[str, Any]:
-        """The state dict in the process's own memory, as a trainer holds it."""
+        """The state dict in the process's own memory, as a trainer holds it;
+        tensors that share storage in the checkpoint (tied weights) still
+        share it."""
         state = self.reference()
-        if self.kind == "path":
-            state = {name: t.clone() for name, t in state.items()}
-        return state
+        if self.kind != "path":
+            return state
+        import torch
+
+        copies: dict[int, Any] = {}
+        out = {}
+        for name, t in state.items():
+            storage = t.untyped_storage()
+            copy = copies.get(storage.data_ptr())
+            if copy is None:
+                copy = copies[storage.data_ptr()] = storage.clone()
+            out[name] = torch.empty(0, dtype=t.dtype).set_(copy, t.storage_offset(),
+                                                          t.shape, t.stride())
+        return out
 
     def zeros(self) -> dict[str, Any]:
         """Zero tensors of the same names, shapes and dtypes (in-place targets)."""
@@ -107,11 +123,30 @@ class ModelSource:
         save_file(self.reference(), path)
         return path
 
-    def nbytes(self) -> int:
-        """Bytes of the state dict's tensors (fp32 for synthetic models)."""
+    def _distinct(self) -> list[Any]:
+        """The checkpoint's tensors, a tied tensor (same storage, offset,
+        shape, strides and dtype) once."""
+        seen: dict[tuple[Any, ...], Any] = {}
+        for t in self.reference().values():
+            key = (t.untyped_storage().data_ptr() if t.numel() else id(t), t.storage_offset(),
+                   tuple(t.shape), tuple(t.stride()), t.dtype)
+            seen.setdefault(key, t)
+        return list(seen.values())
+
+    def count(self) -> int:
+        """Elements in the state dict (a tied tensor once): the number of
+        parameters actually built, which for a synthetic Llama is near, not
+        at, ``params``."""
         if self.kind == "llama":
             from ..synthetic import llama_shapes
-            return 4 * sum(math.prod(shape) for shape in llama_shapes(self.params).values())
+            return sum(math.prod(shape) for shape in llama_shapes(self.params).values())
         if self.kind == "single":
-            return 4 * 4096 * max(1, self.params // 4096)
-        return sum(int(t.numel()) * t.element_size() for t in self.reference().values())
+            return 4096 * max(1, self.params // 4096)
+        return sum(int(t.numel()) for t in self._distinct())
+
+    def nbytes(self) -> int:
+        """Bytes of the state dict's tensors (fp32 for synthetic models; a
+        tied tensor once)."""
+        if self.kind != "path":
+            return 4 * self.count()
+        return sum(int(t.numel()) * t.element_size() for t in self._distinct())

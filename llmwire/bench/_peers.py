@@ -2,8 +2,10 @@
 
 Each runs in a fresh spawned process so that its RSS is its own. The parent
 drives both through a pipe: ``alive`` (interpreter and imports ready; the
-sampler starts), ``build`` → ``built`` (the model or target exists: the
-baseline), ``go`` → ``sent`` / ``received`` (the transfer), ``verified``.
+sampler starts), ``build`` → ``built`` (the model or target exists), ``go``
+(the baseline) → ``sent`` / ``received`` (the transfer), then ``verify`` →
+``verified``: the receiver checks what arrived only once the parent has
+marked the transfer's end, so the check's memory is never counted.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ SECRET = b"llmwire-profile"
 TIMEOUT = 900.0
 
 
-def _max_err(received: dict[str, Any], expected: dict[str, Any]) -> float:
+def _max_err(received: dict[str, Any], expected: dict[str, Any],
+             chunk: int = 1 << 22) -> float:
+    """Largest absolute difference, compared ``chunk`` elements at a time so
+    that checking a large model does not need float64 copies of it."""
     if set(received) != set(expected):
         raise RuntimeError("received keys differ from the sent state dict")
     err = 0.0
@@ -31,8 +36,10 @@ def _max_err(received: dict[str, Any], expected: dict[str, Any]) -> float:
         if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
             raise RuntimeError(f"{name!r} arrived as {got.dtype} {tuple(got.shape)}, "
                                f"sent as {want.dtype} {tuple(want.shape)}")
-        if got.numel():
-            err = max(err, float((got.double() - want.double()).abs().max()))
+        got, want = got.reshape(-1), want.reshape(-1)
+        for i in range(0, got.numel(), chunk):
+            diff = got[i:i + chunk].double() - want[i:i + chunk].double()
+            err = max(err, float(diff.abs_().max()))
     return err
 
 
@@ -98,8 +105,9 @@ def _receiver(conn: Any, mode: str, fmt: str, into: str, model: ModelSource,
             return await llmwire.receive_state_dict(t, arg, overwrite=True)
         return await llmwire.receive_file(t, outdir, overwrite=True)
 
-    async def main() -> None:
+    async def main() -> Any:
         done = asyncio.get_running_loop().create_future()
+        closed = asyncio.Event()
 
         async def handler(t: Any) -> None:
             try:
@@ -110,25 +118,31 @@ def _receiver(conn: Any, mode: str, fmt: str, into: str, model: ModelSource,
                 raise
             await t.send_message({"ok": True})
             done.set_result(received)
-            await t.wait_closed()
+            await t.wait_closed()  # the sender hangs up once it has the answer
+            closed.set()
 
         server = await llmwire.serve(handler, "127.0.0.1", 0, secret=SECRET)
         conn.send(("built", server.port))
-        received = await asyncio.wait_for(done, TIMEOUT)
-        conn.send(("received", None))
-        if mode == "file":
-            err = 0.0  # receive_file checked the whole-file digest
-        else:
-            if mode == "container" and into == "safetensors":
-                from safetensors.torch import load_file
-                received = load_file(received)
-            err = _max_err(received, model.reference())
-            if fmt == "raw" and err != 0.0:
-                raise RuntimeError(f"raw transfer restored with error {err}")
-        conn.send(("verified", err))
-        await server.close()
+        try:
+            received = await asyncio.wait_for(done, TIMEOUT)
+            await asyncio.wait_for(closed.wait(), 60)
+            return received
+        finally:
+            await server.close()
 
-    llmwire.run(main())
+    received = llmwire.run(main())
+    conn.send(("received", None))
+    conn.recv()  # verify: the parent has marked the end of the transfer
+    if mode == "file":
+        err = 0.0  # receive_file checked the whole-file digest
+    else:
+        if mode == "container" and into == "safetensors":
+            from safetensors.torch import load_file
+            received = load_file(received)
+        err = _max_err(received, model.reference())
+        if fmt == "raw" and err != 0.0:
+            raise RuntimeError(f"raw transfer restored with error {err}")
+    conn.send(("verified", err))
 
 
 def sender(conn: Any, mode: str, fmt: str, model: ModelSource, workdir: str) -> None:

@@ -12,37 +12,53 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-__all__ = ["expect", "guard"]
+__all__ = ["ChildFailed", "expect", "guard"]
 
 
-def expect(conn: Any, kind: str, timeout: float = 900.0, process: Any = None) -> Any:
+def expect(conn: Any, kind: str, timeout: float = 900.0, process: Any = None,
+           name: str = "a benchmark process") -> Any:
     """The value of the next message, which must be ``kind``; RuntimeError
-    if the child failed, died or stayed silent for ``timeout`` seconds."""
+    if the child failed, died or stayed silent for ``timeout`` seconds.
+    ``name`` names the child in those errors."""
     deadline = time.monotonic() + timeout
     while not conn.poll(min(1.0, max(0.0, deadline - time.monotonic()))):
         if process is not None and not process.is_alive() and not conn.poll(0):
             code = process.exitcode
             why = f"killed by signal {-code}" if code is not None and code < 0 else f"exit {code}"
-            raise RuntimeError(f"a benchmark process ended before sending {kind!r} ({why}"
+            raise RuntimeError(f"{name} ended before sending {kind!r} ({why}"
                                f"{'; out of memory?' if code == -9 else ''})")
         if time.monotonic() >= deadline:
-            raise RuntimeError(f"no {kind!r} from a benchmark process within {timeout:g}s")
+            raise RuntimeError(f"no {kind!r} from {name} within {timeout:g}s")
     got, value = conn.recv()
     if got == "failed":
-        raise RuntimeError(f"benchmark process failed: {value}")
+        raise ChildFailed(f"{name} failed: {value[0]}", value[1])
     if got != kind:
-        raise RuntimeError(f"expected {kind!r} from a benchmark process, got {got!r}")
+        raise RuntimeError(f"expected {kind!r} from {name}, got {got!r}")
     return value
+
+
+class ChildFailed(RuntimeError):
+    """A child reported a failure; ``collateral`` when it was only the peer
+    going away (a lost connection or cancelled stream), which makes the
+    other child's failure the one worth reporting."""
+
+    def __init__(self, message: str, collateral: bool = False) -> None:
+        super().__init__(message)
+        self.collateral = collateral
 
 
 def guard(conn: Any, body: Callable[[], None]) -> None:
     """Run ``body``; on any failure tell the parent and exit with status 1
     (the parent prints the one-line reason; no traceback on stderr)."""
+    from ..errors import ConnectionClosed, StreamCancelled, TransferInterrupted
+
     try:
         body()
     except BaseException as exc:
+        collateral = isinstance(exc, (ConnectionClosed, StreamCancelled, TransferInterrupted,
+                                      ConnectionError))
         try:
-            conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+            conn.send(("failed", (f"{type(exc).__name__}: {exc}", collateral)))
         except OSError:
             pass  # the parent is gone
         raise SystemExit(1) from None
