@@ -52,7 +52,7 @@ from typing import Any, Iterator
 
 from .bench import _peers, _plots
 from .bench._models import MIN_PARAMS, SYNTHETIC, ModelSource
-from .bench._procs import ChildFailed, expect
+from .bench._procs import ChildFailed, ChildSilent, expect
 from .bench._rss import RssSampler, Timeline
 from .bench._timing import format_table
 from .errors import LlmwireError
@@ -95,8 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sampling interval in seconds, at most 0.01 (default: 0.005)")
     parser.add_argument("--dir", default=None,
                         help="where runs keep their files (file mode's checkpoint and its "
-                             "received copy; default: the system's temp directory, which "
-                             "must not be a RAM disk for honest file-mode figures)")
+                             "received copy, a safetensors receiver's file; default: the "
+                             "system's temp directory, which must not be a RAM disk for "
+                             "honest figures)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--csv", metavar="PATH", help="write every sample of every run as CSV")
     parser.add_argument("--plot", metavar="PATH",
@@ -166,9 +167,11 @@ def _one(ctx: Any, mode: str, fmt: str, into: str, model: ModelSource,
             try:
                 elapsed, wire_bytes = from_sender("sent")
             except ChildFailed as exc:
-                # if the sender only saw the receiver go away, the receiver says why
-                if exc.collateral and rparent.poll(2):
-                    from_receiver("received")  # raises the receiver's own failure
+                if exc.collateral:  # the sender only saw the receiver go away: ask why
+                    try:
+                        from_receiver("received", 5)  # raises the receiver's failure or death
+                    except ChildSilent:
+                        pass
                 raise
             from_receiver("received")
             events["received"] = sampler.now()
@@ -324,7 +327,7 @@ def run(args: argparse.Namespace) -> int:
         formats = list(dict.fromkeys(fmt for _, fmt, _ in parsed))
         sizes = ([parse_model_size(s) for s in args.sizes.split(",") if s.strip()]
                  if args.sizes is not None else None)
-    except (ValueError, LlmwireError) as exc:
+    except (ValueError, OverflowError, LlmwireError) as exc:
         return _usage(str(exc))
     if not formats:
         return _usage("--formats needs at least one format")
@@ -410,10 +413,12 @@ def _warn_if_too_big(model: ModelSource, modes: list[str]) -> None:
 
 @contextlib.contextmanager
 def _sigterm_as_exit() -> Iterator[None]:
-    """SIGTERM ends the profile like Ctrl-C: runs' temp directories are
-    removed and the profiled processes stopped on the way out."""
+    """SIGTERM ends the profile with status 143 after the cleanup Ctrl-C
+    gets: runs' temp directories removed, profiled processes stopped."""
     def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup
+        print("llmwire profile: terminated; stopping the profiled processes", file=sys.stderr)
+        raise SystemExit(128 + signum)
 
     try:
         previous = signal.signal(signal.SIGTERM, stop)
@@ -423,7 +428,7 @@ def _sigterm_as_exit() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _write_outputs(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:

@@ -7,6 +7,7 @@ weights are N(0, 0.02²) like a freshly initialised model, norms are near 1.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -139,6 +140,8 @@ def parse_size(text: str | int) -> int:
         value = float(digits)
     except ValueError:
         raise ValueError(f"not a size: {text!r}") from None
+    if not math.isfinite(value * _SUFFIXES.get(suffix, 1)):
+        raise ValueError(f"not a size: {text!r} (must be finite)")
     if suffix not in _SUFFIXES or value < 0:
         raise ValueError(f"not a size: {text!r} (use e.g. 100M, 1.5G, 512MiB)")
     return int(value * _SUFFIXES[suffix])

@@ -183,7 +183,8 @@ def test_usage_errors(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
              ["--model", str(tmp_path / "missing.pt")],
              ["--model", str(text), "--params", "1M"], ["--params", "0"],
              ["--params", "5000"], ["--sizes", "inf"], ["--sizes", "-1"],
-             ["--sizes", "1", "--params", "1M"], ["--dir", str(tmp_path / "none")]]
+             ["--sizes", "1", "--params", "1M"], ["--dir", str(tmp_path / "none")],
+             ["--sizes", "1e400MB"]]
     for argv in usage:
         assert main(["profile", *argv]) == EXIT_USAGE, argv
         assert capsys.readouterr().err.startswith("llmwire profile: "), argv
@@ -218,6 +219,35 @@ def test_aggregate_takes_medians_and_the_median_run() -> None:
     assert out["max_abs_err"] == 0.4
     assert out["timelines"] == {"peak": 20}  # the lower median run by summed peak
     assert len(out["repeats"]) == 4
+
+
+def test_checkpoint_models_are_built_faithfully(tmp_path: pathlib.Path) -> None:
+    """The sender's private copy of a checkpoint: equal values, ties kept,
+    an empty tensor beside a full one (safetensors gives both one address),
+    a tied weight counted once even when one name holds it transposed."""
+    from safetensors.torch import save_file
+
+    st_path = tmp_path / "empty-first.safetensors"
+    save_file({"a_empty": torch.zeros(0), "d": torch.arange(6.0)}, str(st_path))
+    model = ModelSource.parse(str(st_path), 0)
+    built = model.build()
+    assert built["a_empty"].numel() == 0 and torch.equal(built["d"], torch.arange(6.0))
+    assert model.count() == 6 and model.nbytes() == 24
+
+    w = torch.randn(8, 4)
+    pt_path = tmp_path / "tied.pt"
+    torch.save({"w": w, "w_t": w.t(), "tail": w[4:], "b": torch.ones(3, dtype=torch.bfloat16)},
+               pt_path)
+    model = ModelSource.parse(str(pt_path), 0)
+    assert model.count() == 32 + 16 + 3  # w and w.t() once; the slice is other elements
+    assert model.nbytes() == 4 * (32 + 16) + 2 * 3
+    built = model.build()
+    assert built["w"].data_ptr() == built["w_t"].data_ptr()
+    assert built["w"].untyped_storage().data_ptr() == built["tail"].untyped_storage().data_ptr()
+    assert built["w"].data_ptr() != w.data_ptr()  # a copy, not the file's map
+    for name, t in {"w": w, "w_t": w.t(), "tail": w[4:]}.items():
+        assert torch.equal(built[name], t) and built[name].stride() == t.stride(), name
+    assert built["b"].dtype == torch.bfloat16
 
 
 def test_max_err_compares_in_chunks() -> None:

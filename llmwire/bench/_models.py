@@ -34,6 +34,7 @@ class ModelSource:
     params: int = 0
     path: str | None = None
     seed: int = 1
+    checkpoint_bytes: int = 0  # a checkpoint's tensor bytes, measured once by parse()
 
     @classmethod
     def parse(cls, model: str, params: int) -> "ModelSource":
@@ -54,12 +55,11 @@ class ModelSource:
             raise PayloadError(f"{model!r} is not a checkpoint (expected .safetensors, or a "
                                f".pt/.pth/.bin torch checkpoint)")
         source = cls("path", 0, os.path.abspath(model))
-        if not source.reference():
+        distinct = source._distinct()
+        if not distinct:
             raise PayloadError(f"{model!r} holds no tensors")
-        return cls("path", source.count(), source.path)
-
-    def with_params(self, params: int) -> "ModelSource":
-        return ModelSource(self.kind, params, self.path, self.seed)
+        return cls("path", sum(int(t.numel()) for t in distinct), source.path,
+                   checkpoint_bytes=sum(int(t.numel()) * t.element_size() for t in distinct))
 
     def describe(self) -> str:
         n = self.count()
@@ -90,13 +90,17 @@ class ModelSource:
             return state
         import torch
 
-        copies: dict[int, Any] = {}
+        copies: dict[tuple[int, int], Any] = {}
         out = {}
         for name, t in state.items():
+            if not t.numel():  # an empty tensor may report its neighbour's address
+                out[name] = t.clone()
+                continue
             storage = t.untyped_storage()
-            copy = copies.get(storage.data_ptr())
+            key = (storage.data_ptr(), storage.nbytes())
+            copy = copies.get(key)
             if copy is None:
-                copy = copies[storage.data_ptr()] = storage.clone()
+                copy = copies[key] = storage.clone()
             out[name] = torch.empty(0, dtype=t.dtype).set_(copy, t.storage_offset(),
                                                           t.shape, t.stride())
         return out
@@ -124,29 +128,33 @@ class ModelSource:
         return path
 
     def _distinct(self) -> list[Any]:
-        """The checkpoint's tensors, a tied tensor (same storage, offset,
-        shape, strides and dtype) once."""
+        """The checkpoint's tensors, a tied tensor (the same elements of the
+        same storage, whatever its shape or strides) once."""
         seen: dict[tuple[Any, ...], Any] = {}
         for t in self.reference().values():
-            key = (t.untyped_storage().data_ptr() if t.numel() else id(t), t.storage_offset(),
-                   tuple(t.shape), tuple(t.stride()), t.dtype)
+            key = ((t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
+                   if t.numel() else (id(t),))
             seen.setdefault(key, t)
         return list(seen.values())
 
     def count(self) -> int:
         """Elements in the state dict (a tied tensor once): the number of
         parameters actually built, which for a synthetic Llama is near, not
-        at, ``params``."""
+        at, ``params``. For a checkpoint, :meth:`parse` stores it in ``params``."""
         if self.kind == "llama":
             from ..synthetic import llama_shapes
             return sum(math.prod(shape) for shape in llama_shapes(self.params).values())
         if self.kind == "single":
             return 4096 * max(1, self.params // 4096)
+        if self.params:
+            return self.params
         return sum(int(t.numel()) for t in self._distinct())
 
     def nbytes(self) -> int:
         """Bytes of the state dict's tensors (fp32 for synthetic models; a
-        tied tensor once)."""
+        tied tensor once). For a checkpoint, :meth:`parse` stores it."""
         if self.kind != "path":
             return 4 * self.count()
+        if self.checkpoint_bytes:
+            return self.checkpoint_bytes
         return sum(int(t.numel()) * t.element_size() for t in self._distinct())

@@ -112,10 +112,12 @@ def _receiver(conn: Any, mode: str, fmt: str, into: str, model: ModelSource,
         async def handler(t: Any) -> None:
             try:
                 received = await receive(t)
-            except BaseException as exc:
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # main() reports it; the server need not log it
                 if not done.done():
                     done.set_exception(exc)
-                raise
+                return
             await t.send_message({"ok": True})
             done.set_result(received)
             await t.wait_closed()  # the sender hangs up once it has the answer
@@ -125,7 +127,11 @@ def _receiver(conn: Any, mode: str, fmt: str, into: str, model: ModelSource,
         conn.send(("built", server.port))
         try:
             received = await asyncio.wait_for(done, TIMEOUT)
-            await asyncio.wait_for(closed.wait(), 60)
+            try:
+                await asyncio.wait_for(closed.wait(), 60)
+            except asyncio.TimeoutError:
+                raise RuntimeError("the sender did not hang up within 60 s of the "
+                                   "acknowledgement") from None
             return received
         finally:
             await server.close()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-__all__ = ["ChildFailed", "expect", "guard"]
+__all__ = ["ChildFailed", "ChildSilent", "expect", "guard"]
 
 
 def expect(conn: Any, kind: str, timeout: float = 900.0, process: Any = None,
@@ -28,13 +28,17 @@ def expect(conn: Any, kind: str, timeout: float = 900.0, process: Any = None,
             raise RuntimeError(f"{name} ended before sending {kind!r} ({why}"
                                f"{'; out of memory?' if code == -9 else ''})")
         if time.monotonic() >= deadline:
-            raise RuntimeError(f"no {kind!r} from {name} within {timeout:g}s")
+            raise ChildSilent(f"no {kind!r} from {name} within {timeout:g}s")
     got, value = conn.recv()
     if got == "failed":
         raise ChildFailed(f"{name} failed: {value[0]}", value[1])
     if got != kind:
         raise RuntimeError(f"expected {kind!r} from {name}, got {got!r}")
     return value
+
+
+class ChildSilent(RuntimeError):
+    """A child sent nothing within the time allowed (and is still alive)."""
 
 
 class ChildFailed(RuntimeError):
@@ -58,7 +62,9 @@ def guard(conn: Any, body: Callable[[], None]) -> None:
         collateral = isinstance(exc, (ConnectionClosed, StreamCancelled, TransferInterrupted,
                                       ConnectionError))
         try:
-            conn.send(("failed", (f"{type(exc).__name__}: {exc}", collateral)))
+            text = " ".join(str(exc).split())
+            message = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+            conn.send(("failed", (message, collateral)))
         except OSError:
             pass  # the parent is gone
         raise SystemExit(1) from None
