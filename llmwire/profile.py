@@ -52,7 +52,7 @@ from typing import Any, Iterator
 
 from .bench import _peers, _plots
 from .bench._models import MIN_PARAMS, SYNTHETIC, ModelSource
-from .bench._procs import ChildFailed, ChildSilent, expect
+from .bench._procs import ChildFailed, ChildSilent, expect, reap
 from .bench._rss import RssSampler, Timeline
 from .bench._timing import format_table
 from .errors import LlmwireError
@@ -196,11 +196,7 @@ def _one(ctx: Any, mode: str, fmt: str, into: str, model: ModelSource,
         ok = True
         return figures
     finally:
-        for p in (sender, receiver):  # after a failure the peer may wait for ever
-            p.join(60 if ok else 1)
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
+        reap((sender, receiver), 60 if ok else 1)  # after a failure a peer may wait for ever
         shutil.rmtree(workdir, ignore_errors=True)
 
 

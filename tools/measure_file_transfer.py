@@ -35,6 +35,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from llmwire.bench._procs import reap  # noqa: E402
 from llmwire.bench._rss import RssSampler  # noqa: E402
 from llmwire.synthetic import parse_size  # noqa: E402
 
@@ -136,11 +137,7 @@ def _file_run(ctx: Any, path: str, dest: str, size: int) -> dict[str, float]:
                 "receiver_peak_over_baseline": peak["receiver"] - base["receiver"],
                 "sender_baseline": base["sender"], "receiver_baseline": base["receiver"]}
     finally:
-        for p in (sp, rp):
-            if p is not None:
-                p.join(60)
-                if p.is_alive():
-                    p.terminate()
+        reap((sp, rp), 60)
 
 
 # --- raw socket into a file -----------------------------------------------------------

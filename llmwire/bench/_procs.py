@@ -10,9 +10,9 @@ noticed through its exit status when :func:`expect` is given the process.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
-__all__ = ["ChildFailed", "ChildSilent", "expect", "guard"]
+__all__ = ["ChildFailed", "ChildSilent", "expect", "guard", "reap"]
 
 
 def expect(conn: Any, kind: str, timeout: float = 900.0, process: Any = None,
@@ -68,3 +68,16 @@ def guard(conn: Any, body: Callable[[], None]) -> None:
         except OSError:
             pass  # the parent is gone
         raise SystemExit(1) from None
+
+
+def reap(processes: Iterable[Any], wait: float) -> None:
+    """Give each started process up to ``wait`` seconds to end, then
+    terminate it (and wait briefly for that); ``None`` and never-started
+    processes are skipped."""
+    for process in processes:
+        if process is None or process.pid is None:
+            continue
+        process.join(wait)
+        if process.is_alive():
+            process.terminate()
+            process.join(5)

@@ -30,7 +30,7 @@ import time
 from typing import Any
 
 from ..synthetic import parse_size
-from ._procs import expect
+from ._procs import expect, reap
 from ._rss import RssSampler
 from ._timing import format_table
 from .wire import _one_run, _raw_receiver, _raw_sender, accept_one
@@ -188,11 +188,7 @@ def _one_transfer(ctx: Any, params: int, fmt: str, into: str, model: str = "llam
         return {"seconds": elapsed, "tensor_bytes": tensor_bytes, "wire_bytes": wire_bytes,
                 "max_abs_err": error, **figures}
     finally:
-        for process in (sender, receiver):
-            if process is not None:
-                process.join(60)
-                if process.is_alive():
-                    process.terminate()
+        reap((sender, receiver), 60)
 
 
 def measure(params: int, formats: list[str], into: str, runs: int, model: str = "llama",

@@ -26,6 +26,8 @@ import sys
 import time
 from typing import Any
 
+from ._procs import reap
+
 GIB = 1 << 30
 
 
@@ -151,13 +153,9 @@ def _one_run(ctx: Any, receiver: Any, sender: Any, nbytes: int, chunk: int) -> f
                 raise RuntimeError("sender did not finish")
             elapsed = float(sparent.recv())
         finally:
-            sp.join(30)
-            if sp.is_alive():
-                sp.terminate()
+            reap([sp], 30)
     finally:
-        rp.join(30)
-        if rp.is_alive():
-            rp.terminate()
+        reap([rp], 30)
     return elapsed
 
 
