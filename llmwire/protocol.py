@@ -80,6 +80,9 @@ _AUTH_LABEL = b"llmwire-auth"
 # their own buffer (no copy out of the scratch buffer).
 _DIRECT_PAYLOAD = 16 * 1024
 _SCRATCH_SIZE = 256 * 1024
+# Until the peer is authenticated the scratch buffer only needs room for the
+# preface and one handshake frame: an unauthenticated peer costs 8 KiB, not 256.
+_HANDSHAKE_SCRATCH_SIZE = 8 * 1024
 # Credit goes back once 1/_GRANT_DIVISOR of a window has been consumed.
 _GRANT_DIVISOR = 2
 
@@ -302,7 +305,7 @@ class Connection:
         self.goaway_sent = False
         self.goaway_received: GoAwayReceived | None = None
         # receive machinery
-        self._scratch = bytearray(_SCRATCH_SIZE)
+        self._scratch = bytearray(_HANDSHAKE_SCRATCH_SIZE)
         self._scratch_view = memoryview(self._scratch)
         self._start = 0
         self._end = 0
@@ -366,6 +369,9 @@ class Connection:
         self._check_not_finished()
         if self._payload_view is not None:
             return self._payload_view[self._filled:]
+        if len(self._scratch) < _SCRATCH_SIZE and self.state in (ConnectionState.OPEN,
+                                                                  ConnectionState.CLOSING):
+            self._grow_scratch()
         if self._start == self._end:
             self._start = self._end = 0
         elif len(self._scratch) - self._end < fr.HEADER_SIZE + _DIRECT_PAYLOAD:
@@ -379,6 +385,14 @@ class Connection:
             if want > 0:
                 return self._scratch_view[self._end:self._end + want]
         return self._scratch_view[self._end:]
+
+    def _grow_scratch(self) -> None:
+        """Authenticated: the full receive buffer, keeping what is still unparsed."""
+        grown = bytearray(_SCRATCH_SIZE)
+        n = self._end - self._start
+        grown[:n] = self._scratch_view[self._start:self._end]
+        self._scratch, self._scratch_view = grown, memoryview(grown)
+        self._start, self._end = 0, n
 
     def buffer_updated(self, nbytes: int, now: float | None = None) -> None:
         """``nbytes`` were written into the last :meth:`get_buffer` view."""

@@ -59,11 +59,17 @@ class SendStream(abc.ABC):
 
 
 class RecvStream(abc.ABC):
-    """The receiving end of one stream. Iterate it for chunks."""
+    """The receiving end of one stream. Iterate it for chunks.
+
+    ``transport`` is the :class:`Transport` the stream arrived on when the
+    implementation knows it (llmwire's own do): payload protocols answer the
+    sender on it. ``None`` otherwise.
+    """
 
     stream_id: int
     header: dict[Any, Any]
     offset: int
+    transport: "Transport | None" = None
 
     @abc.abstractmethod
     async def read(self) -> memoryview | bytes:

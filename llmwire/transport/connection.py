@@ -127,6 +127,7 @@ class WireRecvStream(RecvStream):
     def __init__(self, owner: "WireTransport", stream_id: int, header: dict[Any, Any],
                  offset: int) -> None:
         self._owner = owner
+        self.transport = owner
         self.stream_id = stream_id
         self.header = header
         self.offset = offset
@@ -259,7 +260,7 @@ class WireTransport(Transport, asyncio.BufferedProtocol):
         self._error: BaseException | None = None
         self._local_close = False
         self._use_writelines = False
-        self._sink = bytearray(64 * 1024)
+        self._sink: bytearray | None = None  # where bytes go once the connection is over
         self._read_yielded = False
         self.peer_name: Any = None
         # A handshake failure nobody awaited must not be logged as "never retrieved".
@@ -288,6 +289,8 @@ class WireTransport(Transport, asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._conn.state in (ConnectionState.ERROR, ConnectionState.CLOSED):
+            if self._sink is None:
+                self._sink = bytearray(64 * 1024)
             return memoryview(self._sink)
         return self._conn.get_buffer(sizehint)
 
