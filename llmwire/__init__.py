@@ -23,7 +23,8 @@ from .errors import (
     LlmwireError, LocalProtocolError, ManifestError, NonFiniteError, PayloadError,
     ProtocolError, QuantizationError, RemoteProtocolError, TargetMismatch,
     FileIntegrityError, FileTransferError, FileWriteError, SourceChanged, TargetExists,
-    TransferInterrupted, TransferRefused, UnsafeFileName,
+    TransferInterrupted, TransferRefused, UnsafeFileName, CheckpointError, PayloadRefused,
+    TargetBusy,
     AuthenticationError, BadPreface, ChecksumMismatch, ConnectionClosed, ConnectionLost,
     FlowControlError, FrameError, FrameTooLarge, HandshakeError, IntegrityError,
     MalformedFrame, PeerError, PeerTimeout, StreamCancelled, StreamClosedError,
@@ -74,5 +75,6 @@ __all__ = [
     "plan_state_dict", "receive_state_dict", "send_state_dict", "receive_object",
     "send_object", "FileResult", "receive_file", "send_file", "FileIntegrityError",
     "FileTransferError", "FileWriteError", "SourceChanged", "TargetExists",
-    "TransferInterrupted", "TransferRefused", "UnsafeFileName",
+    "TransferInterrupted", "TransferRefused", "UnsafeFileName", "CheckpointError",
+    "PayloadRefused", "TargetBusy",
 ]

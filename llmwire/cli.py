@@ -19,12 +19,14 @@ from typing import Sequence
 from . import __version__
 from .errors import LlmwireError
 
-__all__ = ["main", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_INTERRUPTED"]
+__all__ = ["main", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_INTERRUPTED",
+           "EXIT_TERMINATED"]
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # an LlmwireError or an OS error: the message says which
 EXIT_USAGE = 2  # bad command line (argparse's own convention)
 EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_TERMINATED = 143  # SIGTERM
 # 3 connection, 4 wrong secret, 5 refused by the receiver, 6 integrity: see
 # llmwire/transfer.py and docs/cli.md
 
@@ -46,7 +48,7 @@ examples:
   llmwire info                          version and which kernels are in use
 
 exit status: 0 ok, 1 error, 2 usage, 3 connection, 4 wrong secret, 5 refused by
-the receiver, 6 integrity, 130 interrupted (docs/cli.md)
+the receiver, 6 integrity, 130 interrupted, 143 terminated (docs/cli.md)
 """
 
 
@@ -166,6 +168,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``llmwire`` console script."""
+    from .transfer import Terminated
+
     parser = _build_parser()
     args = parser.parse_args(argv)
     started = time.monotonic()
@@ -174,6 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"llmwire: interrupted after {time.monotonic() - started:.1f}s", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Terminated:
+        print(f"llmwire: terminated (SIGTERM) after {time.monotonic() - started:.1f}s",
+              file=sys.stderr)
+        return EXIT_TERMINATED
     except (LlmwireError, OSError) as exc:
         from .transfer import exit_code_for
         message = " ".join(str(exc).split()) or type(exc).__name__

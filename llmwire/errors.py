@@ -39,12 +39,17 @@ Where callers would reasonably catch a builtin, the error mixes it in.
         │                                    dict or file transfer failed
         ├── ManifestError (RemoteProtocolError)  peer's manifest invalid
         ├── TargetMismatch (ValueError)      receiving tensors do not fit
+        ├── CheckpointError (ValueError)     a checkpoint file is malformed (.path, .entry)
+        ├── PayloadRefused                   the receiver refused it before writing
+        │   │                                anything (.reason, .remote_error)
+        │   └── TransferRefused ***
         └── FileTransferError                file payload: one file failed (.name);
             │                                raised itself when the peer broke the
             │                                file protocol
-            ├── TransferRefused              the receiver refused the offer (.reason)
-            │   ├── UnsafeFileName (ValueError)  absolute, "..", NUL, escaping name
-            │   └── TargetExists (FileExistsError)   final file exists, no overwrite
+            ├── TransferRefused ***          the receiver refused the offer (.reason)
+            │   ├── UnsafeFileName (ValueError)  absolute, "..", NUL, link, escaping name
+            │   ├── TargetExists (FileExistsError)   final file exists, no overwrite
+            │   └── TargetBusy               another transfer is receiving that name
             ├── TransferInterrupted          cancel or lost connection mid-file;
             │                                .part kept for resume (.offset)
             ├── FileWriteError (OSError)     receiver's disk write failed (ENOSPC)
@@ -53,6 +58,7 @@ Where callers would reasonably catch a builtin, the error mixes it in.
 
     * listed twice: both a remote violation and a stream-scoped failure.
     ** listed twice: an IntegrityError and a FileTransferError.
+    *** listed twice: a PayloadRefused and a FileTransferError.
 
 Every RemoteProtocolError except the two starred ones fails the whole
 connection: the sans-I/O :class:`~llmwire.protocol.Connection` is then in
@@ -76,6 +82,7 @@ __all__ = [
     "FlowControlError", "StreamError", "StreamClosedError", "IntegrityError",
     "StreamCancelled", "StreamTimeout", "ConnectionClosed", "PeerError",
     "PeerTimeout", "ConnectionLost", "PayloadError", "ManifestError", "TargetMismatch",
+    "CheckpointError", "PayloadRefused", "TargetBusy",
     "FileTransferError", "TransferRefused", "UnsafeFileName", "TargetExists",
     "TransferInterrupted", "FileWriteError", "SourceChanged", "FileIntegrityError",
 ]
@@ -270,6 +277,32 @@ class TargetMismatch(PayloadError, ValueError):
     Raised after the manifest and before any tensor is touched."""
 
 
+class CheckpointError(PayloadError, ValueError):
+    """A checkpoint file (``.safetensors``, torch) is malformed or cannot be sent.
+
+    ``path`` is the file, ``entry`` the tensor at fault (or None), ``reason``
+    what is wrong. The message is one line. Raised by
+    :func:`~llmwire.open_checkpoint` before anything is sent.
+    """
+
+    def __init__(self, path: str, reason: str, entry: str | None = None) -> None:
+        self.path, self.reason, self.entry = str(path), reason, entry
+        where = f"{self.path}: " + (f"entry {entry!r:.200}: " if entry is not None else "")
+        super().__init__(" ".join((where + reason).split()))
+
+
+class PayloadRefused(PayloadError):
+    """The receiver refused a payload before writing anything of it.
+
+    ``reason`` is the receiver's, ``remote_error`` the name of the error it
+    raised (e.g. ``"TargetMismatch"``), when it said. The connection goes on.
+    """
+
+    def __init__(self, reason: str, remote_error: str | None = None) -> None:
+        self.reason, self.remote_error = reason, remote_error
+        super().__init__(f"the receiver refused it: {reason}")
+
+
 # --- file payload (docs/streaming.md, llmwire/payloads/files.py) --------------
 
 class FileTransferError(PayloadError):
@@ -283,26 +316,36 @@ class FileTransferError(PayloadError):
     name: str | None = None
 
 
-class TransferRefused(FileTransferError):
+class TransferRefused(FileTransferError, PayloadRefused):
     """The receiver refused a file offer (``name``, ``reason``); nothing was written.
 
     ``send_file`` raises it with the receiver's reason; ``receive_file`` raises
     it (or the subclass saying why) after telling the sender.
     """
 
-    def __init__(self, name: str | None, reason: str) -> None:
-        self.name, self.reason = name, reason
-        super().__init__(f"file {name!r} refused: {reason}")
+    def __init__(self, name: str | None, reason: str, remote_error: str | None = None) -> None:
+        self.name, self.reason, self.remote_error = name, reason, remote_error
+        Exception.__init__(self, f"file {name!r} refused: {reason}")
 
 
 class UnsafeFileName(TransferRefused, ValueError):
     """The offered name is absolute, has ``..``/empty/``.`` parts, NUL or control
-    characters, a drive prefix, or resolves (through symlinks) outside the
-    target directory. Nothing was written."""
+    characters, a drive prefix, or passes through a symlink below the target
+    directory (links are never followed; a planted ``<name>.part`` link
+    included). Nothing was written."""
 
 
 class TargetExists(TransferRefused, FileExistsError):
     """The final file exists and ``overwrite`` was not asked for. Nothing was written."""
+
+
+class TargetBusy(TransferRefused):
+    """Another transfer is receiving the same name right now (it holds the
+    lock on ``<name>.part``). Nothing was written; try again once it ended."""
+
+    def __init__(self, name: str | None, reason: str = "") -> None:
+        super().__init__(name, reason or "another transfer is receiving this name right now "
+                                         "(its .part is locked); try again when it has ended")
 
 
 class TransferInterrupted(FileTransferError):
@@ -329,15 +372,19 @@ class FileWriteError(FileTransferError, OSError):
 
     def __init__(self, name: str | None, error: OSError) -> None:
         self.name = name
+        self.reason = str(error.strerror or error)  # the OSError's own words
         super().__init__(error.errno, f"cannot write received file {name!r}: "
-                                      f"{error.strerror or error}", error.filename)
+                                      f"{self.reason}", error.filename)
 
     def __str__(self) -> str:
         return str(self.strerror)
 
 
 class SourceChanged(FileTransferError):
-    """The file being sent changed size while it was sent (the stream was cancelled)."""
+    """The file being sent (a file, or the checkpoint a state dict is read
+    from) changed while it was sent: its size, mtime, ctime or inode differ
+    from when the send began, or it ended early. The stream was cancelled
+    before its end, so the receiver keeps nothing of it."""
 
     def __init__(self, name: str | None, reason: str) -> None:
         self.name = name

@@ -97,10 +97,11 @@ class TensorView:
             return self.array.reshape(-1)
         return None
 
-    def slice(self, start: int, stop: int) -> np.ndarray:
+    def slice(self, start: int, stop: int, scratch: np.ndarray | None = None) -> np.ndarray:
         """Elements ``[start, stop)`` in row-major order as a contiguous 1-D
         array: a view when possible, else a copy of at most the slice plus
-        one row on either side (never of the whole tensor)."""
+        one row on either side (never of the whole tensor). ``scratch`` is for
+        views whose values live elsewhere (a file): memory views ignore it."""
         flat = self.flat
         if flat is not None:
             return flat[start:stop]
@@ -118,9 +119,14 @@ def view_tensor(tensor: Any) -> TensorView:
 
     A torch tensor on another device is brought to the CPU first (a copy, as
     there is no other way to read it); a tensor that requires grad is
-    detached. Raises :class:`QuantizationError` for other objects and for
-    dtypes llmwire does not know.
+    detached. An object with a ``_llmwire_view()`` method (such as
+    :class:`~llmwire.checkpoints.FileTensor`) supplies its own view. Raises
+    :class:`QuantizationError` for other objects and for dtypes llmwire does
+    not know.
     """
+    own = getattr(type(tensor), "_llmwire_view", None)
+    if own is not None:
+        return own(tensor)
     if _is_torch(tensor):
         torch = sys.modules["torch"]
         t = tensor.detach()

@@ -2,11 +2,11 @@
 
 A thin layer over the public API. One connection per ``send``; the paths go
 in order. A ``.safetensors`` file or a torch checkpoint (``.pt``, ``.pth``,
-``.bin`` holding a state dict) travels as a state dict, read lazily (safetensors
-through a copy-on-write map of its data region, torch checkpoints with
-``torch.load(mmap=True)``); anything else travels as a file, which resumes
-where a killed transfer stopped. After each state dict the receiver answers
-one ``cli-landed`` or ``cli-failed`` message so the sender knows it landed.
+``.bin`` holding a state dict) travels as a state dict, read lazily through
+:func:`llmwire.checkpoints.open_checkpoint`; anything else travels as a
+file, which resumes where a killed transfer stopped. Every transfer ends with
+the receiver's verdict (the payload protocols carry it), so ``send`` exits 0
+only for what landed.
 """
 
 from __future__ import annotations
@@ -17,21 +17,24 @@ import errno
 import json
 import logging
 import os
-import struct
+import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Coroutine
 
 import xxhash
 
+from .checkpoints import Checkpoint, checkpoint_kind, open_checkpoint
 from .errors import (
-    AuthenticationError, ConnectionClosed, FileTransferError, IntegrityError, LlmwireError,
-    PayloadError, StreamCancelled, TransferInterrupted, TransferRefused,
+    AuthenticationError, ConnectionClosed, FileTransferError, FileWriteError, IntegrityError,
+    LlmwireError, PayloadRefused, PeerError, SourceChanged, TransferInterrupted,
 )
+from .frames import ErrorCode
 
-__all__ = ["SECRET_ENV", "CliError", "add_send_arguments", "add_recv_arguments", "run_send",
-           "run_recv", "read_secret", "parse_address", "parse_rate", "state_dict_kind"]
+__all__ = ["SECRET_ENV", "CliError", "Terminated", "add_send_arguments", "add_recv_arguments",
+           "run_send", "run_recv", "read_secret", "parse_address", "format_address",
+           "parse_rate", "parse_timeout", "parse_override", "state_dict_kind"]
 
 SECRET_ENV = "LLMWIRE_SECRET"
 STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -47,8 +50,11 @@ examples:
   llmwire send big.tar --to gpu-box:7070      run it again after a failure: it resumes
 
 .safetensors, .pt, .pth and .bin (torch checkpoints holding a state dict) go as
-state dicts, quantized with --quantize if given; the receiver writes
+state dicts, quantized with --quantize if given (float64 tensors, which the
+formats cannot take, go as they are and are reported); the receiver writes
 <name>.safetensors. Anything else goes as a file under its base name.
+A source that changes while it is sent ends the send (exit 1), and nothing
+of it is kept as complete.
 """
 
 RECV_EPILOG = f"""\
@@ -60,7 +66,7 @@ examples:
 Files land in --out under their sent names (relative names only; "..",
 absolute paths and names leaving --out are refused). State dicts land as
 <name>.safetensors. Interrupted files keep <name>.part and resume when sent
-again. Ctrl-C stops the receiver (exit status 130).
+again. Ctrl-C stops the receiver (exit status 130), SIGTERM too (143).
 """
 
 
@@ -72,6 +78,10 @@ class CliError(LlmwireError):
         self.code = code
 
 
+class Terminated(Exception):
+    """The command got SIGTERM and stopped as it would on Ctrl-C."""
+
+
 # exit statuses, documented in docs/cli.md
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -79,18 +89,38 @@ EXIT_CONNECTION = 3  # cannot connect or listen, connection lost
 EXIT_AUTH = 4  # wrong secret
 EXIT_REFUSED = 5  # the receiver refused a name or a target
 EXIT_INTEGRITY = 6  # a digest did not match
+EXIT_TERMINATED = 143  # SIGTERM (128 + 15)
+
+#: ERROR codes a peer sends when bytes it received were corrupted
+_CORRUPTION_CODES = (ErrorCode.CHECKSUM_ERROR, ErrorCode.INTEGRITY_ERROR)
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it was raised from, outermost first."""
+    chain, seen = [], set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append(current)
+        cause = getattr(current, "cause", None)
+        current = current.__cause__ or (cause if isinstance(cause, BaseException) else None)
+    return chain
 
 
 def exit_code_for(exc: BaseException) -> int:
-    """The exit status for an exception that ended a command."""
+    """The exit status for an exception that ended a command (docs/cli.md)."""
     if isinstance(exc, CliError):
         return exc.code
     if isinstance(exc, AuthenticationError):
         return EXIT_AUTH
     if isinstance(exc, IntegrityError):
         return EXIT_INTEGRITY
-    if isinstance(exc, TransferRefused):
+    if any(isinstance(e, PeerError) and e.code in _CORRUPTION_CODES for e in _causes(exc)):
+        return EXIT_INTEGRITY  # the receiver saw corrupted bytes and hung up: not the network
+    if isinstance(exc, PayloadRefused):
         return EXIT_REFUSED
+    if isinstance(exc, (FileWriteError, SourceChanged)):
+        return EXIT_ERROR
     if isinstance(exc, (ConnectionClosed, TransferInterrupted, ConnectionError, TimeoutError)):
         return EXIT_CONNECTION
     return EXIT_ERROR
@@ -106,6 +136,33 @@ def parse_address(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     return host or "127.0.0.1", int(port)
+
+
+def format_address(host: str, port: int) -> str:
+    """The inverse of :func:`parse_address`: ``[::1]:7070`` for IPv6."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_timeout(text: str) -> float:
+    """Seconds, a positive finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"the timeout must be a positive number of "
+                                         f"seconds, got {text!r}")
+    return value
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """``PATTERN=FMT`` (a tensor name or glob, and a format) -> (pattern, format)."""
+    pattern, sep, fmt = text.rpartition("=")
+    if not sep or not pattern or fmt not in QUANT_FORMATS + ("raw",):
+        raise argparse.ArgumentTypeError(
+            f"expected NAME_OR_GLOB=FMT with FMT one of {', '.join(QUANT_FORMATS)}, raw; "
+            f"got {text!r}")
+    return pattern, fmt
 
 
 def parse_rate(text: str) -> float:
@@ -141,11 +198,20 @@ def add_send_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=QUANT_FORMATS, metavar="FMT",
                         help="quantize state dicts: " + ", ".join(QUANT_FORMATS)
                              + " (default: send tensors as they are)")
+    parser.add_argument("--override", type=parse_override, action="append", default=[],
+                        metavar="NAME=FMT",
+                        help="format for the tensors a name or glob matches, first match "
+                             "wins, e.g. --override 'lm_head.*=bf16' --override "
+                             "'*.norm.weight=raw' (repeatable)")
+    parser.add_argument("--nonfinite", choices=("saturate", "raise"), default="saturate",
+                        help="NaN/inf under blockwise8, fp4, nf4: saturate (NaN -> 0, "
+                             "inf -> +-absmax, counted and reported; the default) or raise "
+                             "(refuse the state dict, exit 1)")
     parser.add_argument("--as-file", action="store_true",
                         help="send state-dict files byte for byte, as plain files")
     parser.add_argument("--limit-rate", type=parse_rate, metavar="RATE",
                         help="put at most RATE bytes per second on the wire, e.g. 50M")
-    parser.add_argument("--timeout", type=float, default=30.0, metavar="S",
+    parser.add_argument("--timeout", type=parse_timeout, default=30.0, metavar="S",
                         help="seconds to wait for the connection and handshake (default: 30)")
     _add_common(parser)
 
@@ -233,100 +299,9 @@ def _bars_enabled(args: argparse.Namespace) -> bool:
 # ---------------------------------------------------------------- state dicts on disk
 
 
-_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                       "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
-                       "U8": "uint8", "BOOL": "bool"}
-
-
-def state_dict_kind(path: str) -> str | None:
-    """``"safetensors"``, ``"torch"`` or None (send as a plain file)."""
-    lower = path.lower()
-    if lower.endswith(".safetensors"):
-        return "safetensors"
-    if lower.endswith((".pt", ".pth")):
-        return "torch"
-    if lower.endswith(".bin"):
-        # A .bin is a torch checkpoint only if it looks like one: a zip archive
-        # (torch.save's format) or a legacy pickle; otherwise it is a file.
-        try:
-            with open(path, "rb") as f:
-                magic = f.read(4)
-        except OSError:
-            return "torch"  # let the loader report why it is unreadable
-        if magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80":
-            return "torch"
-    return None
-
-
-def load_safetensors_lazily(path: str) -> dict[str, Any]:
-    """Torch tensors viewing a copy-on-write map of the file: pages are read
-    as the sender reaches them and never copied into private memory."""
-    import numpy as np
-    import torch
-
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise PayloadError(f"{path!r} is not a safetensors file (too short)")
-        (header_len,) = struct.unpack("<Q", head)
-        size = os.fstat(f.fileno()).st_size
-        if header_len > min(size - 8, 100 << 20):
-            raise PayloadError(f"{path!r} is not a safetensors file (header length "
-                               f"{header_len} out of range)")
-        try:
-            header = json.loads(f.read(header_len))
-        except ValueError:
-            raise PayloadError(f"{path!r} is not a safetensors file (bad JSON header)") from None
-    if not isinstance(header, dict):
-        raise PayloadError(f"{path!r} is not a safetensors file (header is not an object)")
-    header.pop("__metadata__", None)
-    start = 8 + header_len
-    data = (np.memmap(path, dtype=np.uint8, mode="c", offset=start, shape=(size - start,))
-            if size > start else np.zeros(0, np.uint8))
-    out: dict[str, Any] = {}
-    for name, info in header.items():
-        try:
-            dtype = getattr(torch, _SAFETENSORS_DTYPES[info["dtype"]])
-            begin, end = (int(x) for x in info["data_offsets"])
-            shape = [int(x) for x in info["shape"]]
-        except (KeyError, TypeError, ValueError):
-            raise PayloadError(f"{path!r}: unsupported or malformed entry {name!r}") from None
-        if not 0 <= begin <= end <= data.shape[0]:
-            raise PayloadError(f"{path!r}: entry {name!r} lies outside the file")
-        raw = torch.from_numpy(data[begin:end])
-        out[name] = raw.view(dtype).reshape(shape)
-    return out
-
-
-def load_torch_checkpoint(path: str) -> dict[str, Any]:
-    """A state dict from a torch checkpoint, memory-mapped where torch can."""
-    try:
-        import torch
-    except ImportError:
-        raise CliError(f"{path!r} is a torch checkpoint and torch is not installed",
-                       EXIT_ERROR) from None
-    try:
-        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except OSError:
-        raise
-    except Exception:
-        try:  # legacy (non-zip) checkpoints cannot be mapped
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except OSError:
-            raise
-        except Exception as exc:
-            raise PayloadError(f"{path!r} is not a loadable torch checkpoint: "
-                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                               ) from None
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
-            inner = obj.get(key)
-            if isinstance(inner, dict) and inner and all(torch.is_tensor(v) for v in inner.values()):
-                obj = inner
-                break
-    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
-        raise PayloadError(f"{path!r} does not hold a state dict (a mapping of names to tensors)")
-    return obj
+#: ``"safetensors"``, ``"torch"`` or None (send as a plain file); see
+#: :func:`llmwire.checkpoints.checkpoint_kind`
+state_dict_kind = checkpoint_kind
 
 
 def file_digest(path: str) -> str:
@@ -365,57 +340,66 @@ def _connect_error(exc: BaseException, host: str, port: int) -> CliError:
 class _Item:
     path: str
     kind: str  # "state_dict" or "file"
-    loader: str | None = None  # "safetensors" or "torch"
+    checkpoint: Checkpoint | None = None  # opened (its layout checked) before connecting
 
 
 def _plan(paths: list[str], as_file: bool) -> list[_Item]:
     items = []
-    for path in paths:
-        if not os.path.exists(path):
-            raise CliError(f"{path}: no such file", EXIT_ERROR)
-        if not os.path.isfile(path):
-            raise CliError(f"{path}: not a regular file", EXIT_ERROR)
-        if not os.access(path, os.R_OK):
-            raise CliError(f"{path}: permission denied", EXIT_ERROR)
-        loader = None if as_file else state_dict_kind(path)
-        if loader == "safetensors":
-            load_safetensors_lazily(path)  # refuse a bad file before connecting (cheap: a map)
-        items.append(_Item(path, "state_dict" if loader else "file", loader))
+    try:
+        for path in paths:
+            if not os.path.exists(path):
+                raise CliError(f"{path}: no such file", EXIT_ERROR)
+            if not os.path.isfile(path):
+                raise CliError(f"{path}: not a regular file", EXIT_ERROR)
+            if not os.access(path, os.R_OK):
+                raise CliError(f"{path}: permission denied", EXIT_ERROR)
+            kind = None if as_file else checkpoint_kind(path)
+            if kind is None:
+                items.append(_Item(path, "file"))
+            else:  # a malformed checkpoint is refused here, before connecting
+                items.append(_Item(path, "state_dict", open_checkpoint(path, kind)))
+    except BaseException:
+        _close_all(items)
+        raise
     return items
 
 
-def _state_dict_name(path: str) -> str:
+def _close_all(items: list[_Item]) -> None:
+    for item in items:
+        if item.checkpoint is not None:
+            item.checkpoint.close()
+
+
+def _landing_name(path: str) -> str:
     base = os.path.basename(path)
     stem = base[:-len(".safetensors")] if base.lower().endswith(".safetensors") \
         else os.path.splitext(base)[0]
     return (stem or "state_dict") + ".safetensors"
 
 
-async def _send_one_state_dict(transport: Any, item: _Item, fmt: str | None,
+async def _send_one_state_dict(transport: Any, item: _Item, args: argparse.Namespace,
                                progress: _Progress) -> dict[str, Any]:
     from .payloads.statedict import send_state_dict
 
-    state = (load_safetensors_lazily(item.path) if item.loader == "safetensors"
-             else load_torch_checkpoint(item.path))
-    name = _state_dict_name(item.path)
+    assert item.checkpoint is not None
+    name = _landing_name(item.path)
+    fmt = args.quantize
     wire_fmt = "raw" if fmt in (None, "fp32") else fmt
     try:
-        result = await send_state_dict(transport, state, wire_fmt, header={"name": name},
-                                       progress=progress)
-    except StreamCancelled as exc:
-        raise CliError(f"{item.path}: the receiver refused it: {exc.reason or exc}",
-                       EXIT_REFUSED) from None
-    reply = await transport.receive_message(64 * 1024)
-    header = reply.header if isinstance(reply.header, dict) else {}
-    if header.get("kind") != "cli-landed":
-        reason = header.get("reason", f"unexpected reply {header.get('kind')!r}")
-        raise CliError(f"{item.path}: the receiver did not keep it: {reason}",
-                       int(header.get("code", EXIT_ERROR)))
+        result = await send_state_dict(transport, item.checkpoint, wire_fmt,
+                                       overrides=dict(args.override), nonfinite=args.nonfinite,
+                                       header={"name": name}, progress=progress)
+    except (ConnectionClosed, TransferInterrupted):
+        raise
+    except LlmwireError as exc:  # the receiver's verdict, or our own refusal: name the file
+        raise CliError(f"{item.path}: {exc}", exit_code_for(exc)) from None
+    receipt = result.receipt
     return {"path": item.path, "kind": "state_dict", "name": name, "bytes": result.tensor_bytes,
             "file_bytes": os.path.getsize(item.path), "wire_bytes": result.wire_bytes,
             "seconds": round(result.seconds, 6), "format": fmt or "fp32",
-            "entries": result.entries, "digest": header.get("digest"),
-            "remote_path": header.get("path")}
+            "entries": result.entries, "digest": receipt.get("digest"),
+            "remote_path": receipt.get("path"), "nonfinite": result.nonfinite,
+            "kept_raw": list(result.kept_raw)}
 
 
 async def _send_one_file(transport: Any, item: _Item, progress: _Progress) -> dict[str, Any]:
@@ -458,7 +442,7 @@ async def _send_all(args: argparse.Namespace, secret: bytes, items: list[_Item],
                                  args.limit_rate)
             try:
                 if item.kind == "state_dict":
-                    row = await _send_one_state_dict(transport, item, args.quantize, progress)
+                    row = await _send_one_state_dict(transport, item, args, progress)
                 else:
                     row = await _send_one_file(transport, item, progress)
             finally:
@@ -476,6 +460,12 @@ def _text_line(row: dict[str, Any], verb: str) -> str:
     if row["kind"] == "state_dict":
         parts.append(f"state dict as {row['format']}, {row['wire_bytes'] / 2**20:.1f} MiB on "
                      f"the wire ({row['wire_bytes'] / max(size, 1) * 100:.1f}%)")
+        if row.get("kept_raw"):
+            parts.append(f"{len(row['kept_raw'])} float64 tensor(s) sent as they are "
+                         f"(the format takes float32/float16/bfloat16)")
+        if row.get("nonfinite"):
+            parts.append(f"WARNING: {row['nonfinite']} NaN/inf value(s) replaced "
+                         "(NaN -> 0, inf -> +-absmax; --nonfinite raise refuses instead)")
     elif row.get("resumed_from"):
         parts.append(f"resumed from byte {row['resumed_from']}")
     secs = row.get("seconds") or 0.0
@@ -483,10 +473,40 @@ def _text_line(row: dict[str, Any], verb: str) -> str:
     return f"{verb} {row['path']}: " + ", ".join(parts)
 
 
-def run_send(args: argparse.Namespace) -> int:
-    """``llmwire send``."""
+def _run(main: Coroutine[Any, Any, Any]) -> Any:
+    """Run a command's coroutine (uvloop where installed); SIGTERM stops it as
+    Ctrl-C does (transfers in progress keep a durable checkpoint) and raises
+    :class:`Terminated`."""
     from .transport import run
 
+    async def guarded() -> Any:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        terminated = []
+
+        def on_sigterm() -> None:
+            terminated.append(True)
+            task.cancel()
+
+        try:
+            loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or no signals
+            return await main
+        try:
+            return await main
+        except asyncio.CancelledError:
+            if terminated:
+                raise Terminated() from None
+            raise
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+    return run(guarded())
+
+
+def run_send(args: argparse.Namespace) -> int:
+    """``llmwire send``."""
     secret = read_secret(args.secret_file, args.secret_on_command_line)
     items = _plan(args.paths, args.as_file)
 
@@ -494,7 +514,10 @@ def run_send(args: argparse.Namespace) -> int:
         if not args.json:
             print(_text_line(row, "sent"), flush=True)
 
-    rows = run(_send_all(args, secret, items, report))
+    try:
+        rows = _run(_send_all(args, secret, items, report))
+    finally:
+        _close_all(items)
     if args.json:
         total = {"bytes": sum(r["bytes"] for r in rows),
                  "wire_bytes": sum(r["wire_bytes"] for r in rows),
@@ -506,8 +529,8 @@ def run_send(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- recv
 
 
-def _state_dict_target(root: str, header: Any) -> tuple[str, str]:
-    from .errors import UnsafeFileName
+def _state_dict_name(header: Any) -> str:
+    """Where a state dict lands under --out (a checked relative name)."""
     from .payloads.files import check_file_name
 
     name = header.get("name") if isinstance(header, dict) else None
@@ -516,11 +539,8 @@ def _state_dict_target(root: str, header: Any) -> tuple[str, str]:
     check_file_name(name)
     if not name.endswith(".safetensors"):
         name += ".safetensors"
-    final = os.path.join(root, *name.split("/"))
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    if os.path.commonpath([root, os.path.realpath(os.path.dirname(final))]) != root:
-        raise UnsafeFileName(name, "the name resolves outside the target directory")
-    return name, final
+        check_file_name(name)
+    return name
 
 
 class _Receiver:
@@ -553,14 +573,16 @@ class _Receiver:
                     break
                 kind = stream.header.get("kind") if isinstance(stream.header, dict) else None
                 if kind == "state_dict":
-                    ok = await self._state_dict(transport, stream, peer)
+                    ok = await self._state_dict(stream, peer)
                 elif kind == "file-offer":
                     ok = await self._file(transport, stream, peer)
                 elif kind == "file-done":  # leftover of a transfer we aborted
                     await stream.read_all(64 * 1024)
                     continue
                 else:
-                    await stream.cancel(reason=f"llmwire recv does not take {kind!r} streams")
+                    from .payloads.verdict import refuse_stream
+                    await refuse_stream(stream, PayloadRefused(
+                        f"llmwire recv does not take {kind!r} streams"))
                     self._warn(peer, f"refused a stream of kind {kind!r}")
                     continue
                 if ok is None:  # the connection is unusable
@@ -570,43 +592,33 @@ class _Receiver:
             if self.args.once and landed_here:
                 self.finished.set()
 
-    async def _state_dict(self, transport: Any, stream: Any, peer: str) -> int | None:
-        from .payloads.statedict import receive_state_dict
+    async def _state_dict(self, stream: Any, peer: str) -> int | None:
+        from .payloads.sinks import SafetensorsSink
+        from .payloads.statedict import receive_state_dict, refuse_state_dict
 
         started = time.perf_counter()
         name = stream.header.get("name")
         progress = _Progress(str(name), _bars_enabled(self.args))
         try:
-            name, final = _state_dict_target(self.root, stream.header)
-            if os.path.lexists(final) and not self.args.overwrite:
-                from .errors import TargetExists
-                raise TargetExists(name, "the file exists (recv --overwrite replaces it)")
-            path = await receive_state_dict(stream, final, overwrite=self.args.overwrite,
-                                            progress=progress)
+            try:
+                name = _state_dict_name(stream.header)
+            except LlmwireError as exc:
+                await refuse_state_dict(stream, exc)
+                raise
+            sink = SafetensorsSink(os.path.join(self.root, *name.split("/")),
+                                   overwrite=self.args.overwrite, root=self.root)
+            await receive_state_dict(stream, sink, progress=progress)
         except (LlmwireError, OSError) as exc:
-            progress.close()
-            code = exit_code_for(exc)
             self._warn(peer, f"state dict {name!r} failed: {exc}")
             if isinstance(exc, (ConnectionClosed, TransferInterrupted)):
                 return None
-            try:
-                await stream.cancel(reason=str(exc)[:200])
-            except LlmwireError:
-                pass
-            try:
-                await transport.send_message({"kind": "cli-failed", "reason": str(exc)[:500],
-                                              "code": code})
-            except (LlmwireError, OSError):
-                return None
             return 0
-        progress.close()
-        path = str(path)
-        digest = await asyncio.to_thread(file_digest, path)
-        row = {"kind": "state_dict", "name": name, "path": path,
-               "bytes": os.path.getsize(path), "digest": digest,
-               "seconds": round(time.perf_counter() - started, 6)}
-        await transport.send_message({"kind": "cli-landed", "path": path, "digest": digest})
-        self._report(row)
+        finally:
+            progress.close()
+        receipt = sink.receipt()
+        self._report({"kind": "state_dict", "name": name, "path": receipt["path"],
+                      "bytes": receipt["bytes"], "digest": receipt["digest"],
+                      "seconds": round(time.perf_counter() - started, 6)})
         return 1
 
     async def _file(self, transport: Any, stream: Any, peer: str) -> int | None:
@@ -637,9 +649,15 @@ class _Receiver:
 
 
 class _StderrLines(logging.Handler):
+    """The server's lines about rejected connections (already rate-limited
+    there: a few per interval, then one summary) as recv's stderr lines."""
+
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
-        if "handshake" in message and "failed" in message:
+        if "more rejected connections" in message:
+            print(f"llmwire recv: {message.removeprefix('llmwire: ')}", file=sys.stderr,
+                  flush=True)
+        elif "handshake" in message and "failed" in message:
             print(f"llmwire recv: rejected a connection: {message}", file=sys.stderr, flush=True)
 
 
@@ -654,11 +672,12 @@ async def _serve(args: argparse.Namespace, secret: bytes, root: str) -> list[dic
     except OSError as exc:
         reason = "address already in use" if exc.errno == errno.EADDRINUSE \
             else (exc.strerror or str(exc))
-        raise CliError(f"cannot listen on {host}:{port}: {reason}", EXIT_CONNECTION) from None
+        raise CliError(f"cannot listen on {format_address(host, port)}: {reason}",
+                       EXIT_CONNECTION) from None
     try:
         bound = server.sockets[0].getsockname()
-        print(f"llmwire recv: listening on {bound[0]}:{bound[1]}, writing to {root}",
-              file=sys.stderr, flush=True)
+        print(f"llmwire recv: listening on {format_address(bound[0], bound[1])}, "
+              f"writing to {root}", file=sys.stderr, flush=True)
         if args.once:
             await receiver.finished.wait()
         else:
@@ -670,8 +689,6 @@ async def _serve(args: argparse.Namespace, secret: bytes, root: str) -> list[dic
 
 def run_recv(args: argparse.Namespace) -> int:
     """``llmwire recv``."""
-    from .transport import run
-
     secret = read_secret(args.secret_file, args.secret_on_command_line)
     try:
         os.makedirs(args.out, exist_ok=True)
@@ -687,7 +704,7 @@ def run_recv(args: argparse.Namespace) -> int:
     log.setLevel(logging.INFO)
     log.propagate = False
     try:
-        landed = run(_serve(args, secret, root))
+        landed = _run(_serve(args, secret, root))
     finally:
         log.removeHandler(handler)
     if args.json and args.once:

@@ -162,15 +162,16 @@ def test_regular_mode_peaks_above_container_mode() -> None:
     assert first < regular["sender_baseline_mib"] - model_mib / 2
 
 
-def test_a_failing_process_is_one_line_and_exit_1(
+def test_an_unsendable_checkpoint_is_one_line_and_exit_1(
         tmp_path: pathlib.Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Refused when its layout is read, before any process starts."""
     path = tmp_path / "complex.pt"
     torch.save({"w": torch.zeros(8, dtype=torch.complex64)}, path)
     assert main(["profile", "--model", str(path), "--modes", "container"]) == EXIT_ERROR
     err = capfd.readouterr().err.strip().splitlines()  # the children's stderr too
     assert len(err) == 1, err
-    assert err[0].startswith("llmwire profile: error: the sender process failed")
-    assert "complex64" in err[0]
+    assert err[0].startswith("llmwire profile: error: ") and str(path) in err[0]
+    assert "entry 'w'" in err[0] and "complex64" in err[0]
 
 
 def test_usage_errors(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,

@@ -134,10 +134,13 @@ def test_in_place_target_mismatch_touches_nothing(problem):
     async def main():
         a, b = await llmwire.memory_pair(secret=b"s")
         send = asyncio.ensure_future(llmwire.send_state_dict(a, sd))
-        with pytest.raises(TargetMismatch):
+        with pytest.raises(TargetMismatch) as mine:
             await llmwire.receive_state_dict(b, target)
-        with pytest.raises(StreamCancelled):
+        # the sender is told, with the receiver's reason: never a normal return
+        with pytest.raises(llmwire.PayloadRefused) as theirs:
             await send
+        assert theirs.value.remote_error == "TargetMismatch"
+        assert theirs.value.reason == str(mine.value)
         assert all(not v.any() for v in target.values())
         # the connection survives: a good transfer follows on it
         ok = {"a": sd["a"]}
@@ -192,10 +195,11 @@ def test_safetensors_target_refuses_to_overwrite(tmp_path):
         a, b = await llmwire.memory_pair(secret=b"s")
         big = {"x": torch.ones(5_000_000)}  # more than the window: still sending
         send = asyncio.ensure_future(llmwire.send_state_dict(a, big))
-        with pytest.raises(PayloadError, match="overwrite"):
+        with pytest.raises(llmwire.TargetExists, match="overwrite"):
             await llmwire.receive_state_dict(b, path)
-        with pytest.raises(StreamCancelled):
+        with pytest.raises(llmwire.PayloadRefused, match="overwrite") as theirs:
             await send
+        assert theirs.value.remote_error == "TargetExists"
         assert path.read_bytes() == b"precious"
         await asyncio.gather(llmwire.send_state_dict(a, {"x": torch.ones(4)}),
                              llmwire.receive_state_dict(b, path, overwrite=True))
@@ -241,7 +245,8 @@ def test_a_corrupted_stream_commits_nothing(tmp_path, monkeypatch):
         send = asyncio.ensure_future(llmwire.send_state_dict(a, sd))
         with pytest.raises(IntegrityError):
             await llmwire.receive_state_dict(b, path)
-        await send
+        with pytest.raises(IntegrityError):  # the sender hears it: no "done"
+            await send
         assert not path.exists() and not list(tmp_path.iterdir())
         await a.close()
         await b.close()

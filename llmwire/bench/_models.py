@@ -46,20 +46,22 @@ class ModelSource:
         """
         if model in SYNTHETIC:
             return cls(model, params)
-        from ..transfer import state_dict_kind
+        from ..checkpoints import checkpoint_kind, open_checkpoint
+        from ..tensors import DTYPES
 
         if not os.path.isfile(model):
             raise LlmwireError(f"--model takes llama, single or a checkpoint file; "
                                f"{model!r} is neither")
-        if state_dict_kind(model) is None:
+        if checkpoint_kind(model) is None:
             raise PayloadError(f"{model!r} is not a checkpoint (expected .safetensors, or a "
                                f".pt/.pth/.bin torch checkpoint)")
-        source = cls("path", 0, os.path.abspath(model))
-        distinct = source._distinct()
+        with open_checkpoint(model) as checkpoint:  # its layout: nothing is read yet
+            distinct = [(int(_numel(t)), DTYPES[_dtype(t)].itemsize)
+                        for t in checkpoint.distinct()]
         if not distinct:
             raise PayloadError(f"{model!r} holds no tensors")
-        return cls("path", sum(int(t.numel()) for t in distinct), source.path,
-                   checkpoint_bytes=sum(int(t.numel()) * t.element_size() for t in distinct))
+        return cls("path", sum(n for n, _ in distinct), os.path.abspath(model),
+                   checkpoint_bytes=sum(n * size for n, size in distinct))
 
     def describe(self) -> str:
         n = self.count()
@@ -69,41 +71,21 @@ class ModelSource:
         return f"{count} ({self.kind})"
 
     def reference(self) -> dict[str, Any]:
-        """The state dict as cheaply as possible: synthetic tensors are built,
-        a checkpoint is mapped (pages read only when touched)."""
+        """The state dict: synthetic tensors are built, a checkpoint is read
+        into the process's own memory, as a trainer holds it; names tied to
+        one tensor in the checkpoint share one tensor."""
         if self.kind != "path":
             from ..synthetic import make_state_dict
             return make_state_dict(self.kind, self.params, seed=self.seed)
-        from ..transfer import load_safetensors_lazily, load_torch_checkpoint, state_dict_kind
+        from ..checkpoints import open_checkpoint
 
         assert self.path is not None
-        if state_dict_kind(self.path) == "safetensors":
-            return load_safetensors_lazily(self.path)
-        return load_torch_checkpoint(self.path)
+        with open_checkpoint(self.path) as checkpoint:
+            return checkpoint.load()
 
     def build(self) -> dict[str, Any]:
-        """The state dict in the process's own memory, as a trainer holds it;
-        tensors that share storage in the checkpoint (tied weights) still
-        share it."""
-        state = self.reference()
-        if self.kind != "path":
-            return state
-        import torch
-
-        copies: dict[tuple[int, int], Any] = {}
-        out = {}
-        for name, t in state.items():
-            if not t.numel():  # an empty tensor may report its neighbour's address
-                out[name] = t.clone()
-                continue
-            storage = t.untyped_storage()
-            key = (storage.data_ptr(), storage.nbytes())
-            copy = copies.get(key)
-            if copy is None:
-                copy = copies[key] = storage.clone()
-            out[name] = torch.empty(0, dtype=t.dtype).set_(copy, t.storage_offset(),
-                                                          t.shape, t.stride())
-        return out
+        """The state dict in the process's own memory (see :meth:`reference`)."""
+        return self.reference()
 
     def zeros(self) -> dict[str, Any]:
         """Zero tensors of the same names, shapes and dtypes (in-place targets)."""
@@ -158,3 +140,11 @@ class ModelSource:
         if self.checkpoint_bytes:
             return self.checkpoint_bytes
         return sum(int(t.numel()) * t.element_size() for t in self._distinct())
+
+
+def _numel(tensor: Any) -> int:
+    return tensor.numel if isinstance(tensor.numel, int) else int(tensor.numel())
+
+
+def _dtype(tensor: Any) -> str:
+    return str(tensor.dtype).removeprefix("torch.")

@@ -1,12 +1,16 @@
 """File payloads: stream one file with memory independent of its size, resumably.
 
-The sender reads the file through windowed read-only ``mmap`` views and hands
-memoryview slices of the map straight to :meth:`SendStream.send` (no copy into
-Python bytes); each window is unmapped before the next is mapped, so mapped
-file pages never hold more than one window of RSS. The receiver writes each
-chunk with ``os.pwrite`` at its offset into ``<name>.part`` (never an mmap),
-records fsynced progress in a sidecar ``<name>.part.json``, and only after the
-whole-file xxh3-128 digests match fsyncs and renames the file into place.
+The sender reads the file with ``pread`` into a few reused buffers, a chunk
+or two ahead of the wire (on a worker thread), and hands each buffer to
+:meth:`SendStream.send`. It never maps the file: a file that shrinks while it
+is sent ends the transfer with :class:`~llmwire.SourceChanged`, where a
+mapped page past the new end would kill the process with SIGBUS. Before it
+declares the file sent it checks that the file did not change (size, mtime,
+ctime, inode). The receiver writes each chunk with ``os.pwrite`` at its offset
+into ``<name>.part`` (which it owns under an exclusive lock, see
+:mod:`llmwire.payloads.landing`), records progress in a sidecar
+``<name>.part.json``, and only after the whole-file xxh3-128 of the bytes
+read back from ``.part`` matches the sender's fsyncs and renames it into place.
 
 The control messages and the resume rules are in docs/streaming.md ("Files").
 """
@@ -14,14 +18,13 @@ The control messages and the resume rules are in docs/streaming.md ("Files").
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import json
-import mmap
 import os
 import re
 import stat
 import time
-import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -33,6 +36,8 @@ from ..errors import (
     FileTransferError,
     FileWriteError,
     IntegrityError,
+    LlmwireError,
+    PayloadRefused,
     SourceChanged,
     StreamCancelled,
     StreamError,
@@ -42,6 +47,12 @@ from ..errors import (
     UnsafeFileName,
 )
 from ..transport.base import RecvStream, SendStream, Transport
+from .landing import PART_SUFFIX, PartFile, TargetDir, check_free_space, digest_on_disk, pwrite_all
+from .source import FileIdentity, check_unchanged, pread_exact
+from .verdict import (
+    MAX_CONTROL, REPLY_WAIT, failure_fields, raise_failure, receive_control, reply_quietly,
+    send_control,
+)
 
 __all__ = [
     "FileResult",
@@ -57,22 +68,20 @@ __all__ = [
 ]
 
 MiB = 1 << 20
-#: bytes mapped at a time by the sender (rounded up to the allocation granularity)
-DEFAULT_WINDOW = 64 * MiB
-#: bytes per ``send()`` call: one memoryview slice of the current window
+#: bytes the sender reads ahead of the wire at most (whole chunks, at least two)
+DEFAULT_WINDOW = 8 * MiB
+#: bytes per read and per ``send()`` call
 DEFAULT_CHUNK = 4 * MiB
 #: the receiver records its offset in the sidecar this often (not fsynced: see _Part.checkpoint)
 CHECKPOINT_BYTES = 64 * MiB
-#: suffixes of the in-progress file and of its sidecar (names ending so are refused)
-PART_SUFFIX = ".part"
+#: suffix of the in-progress file's sidecar (names ending so, or in .part, are refused)
 SIDECAR_SUFFIX = ".part.json"
 _SIDECAR_TMP_SUFFIX = ".part.json.tmp"
 
 _MAX_NAME_BYTES = 4096
 _MAX_PART_BYTES = 255
-_MAX_CONTROL = 64 * 1024          # control messages carry everything in their header
-_ABORT_WAIT = 10.0                # seconds to wait for the peer's file-abort reason
-_UNMAP_TRIES = 100                # loop turns to wait for the last views of a map
+_MAX_CONTROL = MAX_CONTROL
+_ABORT_WAIT = REPLY_WAIT          # seconds to wait for the peer's file-abort reason
 _HASH_BLOCK = 4 * MiB             # read size when hashing a resumed prefix
 _SIDECAR_VERSION = 1
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
@@ -151,52 +160,18 @@ def file_id(name: str, size: int, mtime_ns: int) -> str:
     return xxhash.xxh3_128_hexdigest(json.dumps([name, size, mtime_ns]).encode())
 
 
-def _inside(root: str, path: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
-
-
-def _resolve_target(root: str, name: str) -> str:
-    """The final path of ``name`` under ``root`` (a realpath), refusing escapes."""
-    parts = check_file_name(name)
-    final = os.path.join(root, *parts)
-    # realpath follows symlinks in the components that exist: a link that
-    # leads out of the target directory makes the parent resolve outside it.
-    parent = os.path.realpath(os.path.dirname(final))
-    if not _inside(root, parent):
-        raise UnsafeFileName(name, "the name resolves outside the target directory")
-    probe = root
-    for part in parts[:-1]:
-        probe = os.path.join(probe, part)
-        if os.path.lexists(probe) and not os.path.isdir(probe):
-            raise UnsafeFileName(name, f"{part!r} exists and is not a directory")
-    final = os.path.join(parent, parts[-1])
-    if os.path.isdir(final) and not os.path.islink(final):
-        raise TargetExists(name, "a directory exists at the final name")
-    return final
-
-
 # ------------------------------------------------------------------- control messages
 
 
 async def _send_control(transport: Transport, kind: str, **fields: Any) -> None:
-    await transport.send_message({"kind": kind, **fields})
+    await send_control(transport, kind, **fields)
 
 
 async def _receive_control(transport: Transport, name: str | None, fid: str,
                            kinds: tuple[str, ...], stream: RecvStream | None = None
                            ) -> dict[Any, Any]:
-    if stream is None:
-        msg = await transport.receive_message(_MAX_CONTROL)
-        header = msg.header
-    else:
-        await stream.read_all(_MAX_CONTROL)
-        header = stream.header
-    if not isinstance(header, dict) or header.get("kind") not in kinds \
-            or header.get("id") != fid:
-        got = header.get("kind") if isinstance(header, dict) else type(header).__name__
-        raise FileTransferError(f"file {name!r}: expected a {' or '.join(kinds)} message "
-                                f"for id {fid}, got {got!r}")
-    return header
+    return await receive_control(transport, kinds, fid, what=f"file {name!r}", stream=stream,
+                                 error=FileTransferError)
 
 
 def _reason(exc: BaseException) -> str:
@@ -221,9 +196,10 @@ def _hash_prefix(fd: int, length: int, hasher: Any) -> None:
         pos = 0
         while pos < length:
             want = min(len(buf), length - pos)
-            n = os.preadv(fd, [view[:want]], pos)
-            if n <= 0:
-                raise OSError(errno.EIO, "file shorter than the resumed offset")
+            n = pread_exact(fd, view[:want], pos)
+            if n < want:
+                raise SourceChanged(None, f"it ends at byte {pos + n}, before the resumed "
+                                          f"offset {length}")
             hasher.update(view[:n])
             pos += n
     finally:
@@ -236,60 +212,56 @@ async def _hash_prefix_in_thread(fd: int, length: int, hasher: Any) -> None:
         await asyncio.to_thread(_hash_prefix, os.dup(fd), length, hasher)
 
 
-async def _unmap(mm: mmap.mmap) -> None:
-    """Close ``mm``, giving the event loop a few turns to drop its last views.
+class _Progress:
+    """Bytes of the data stream handed to the transport so far (for error reports)."""
 
-    uvloop releases a written buffer in its write-completion callback, which
-    can run one loop iteration after ``send()`` returned. If views remain
-    after that, the pages are dropped from RSS with MADV_DONTNEED and the map
-    is unmapped when the views are collected.
-    """
-    try:
-        for _ in range(_UNMAP_TRIES):
-            try:
-                mm.close()
-                return
-            except BufferError:
-                await asyncio.sleep(0)
-    finally:
-        if not mm.closed:
-            try:
-                mm.madvise(mmap.MADV_DONTNEED)
-            except (OSError, ValueError):
-                pass
+    __slots__ = ("sent",)
+
+    def __init__(self) -> None:
+        self.sent = 0
 
 
 async def _send_range(stream: SendStream, fd: int, name: str, start: int, size: int,
-                      window: int, chunk: int, hasher: Any, progress: Progress | None) -> int:
-    """Send bytes [start, size) of ``fd`` as slices of windowed maps; return bytes sent."""
-    pos = start
-    while pos < size:
-        if os.fstat(fd).st_size != size:  # a shrinking mapped file would SIGBUS us
-            raise SourceChanged(name, f"size is now {os.fstat(fd).st_size}, was {size}")
-        base = pos - pos % mmap.ALLOCATIONGRANULARITY
-        length = min(window, size - base)
-        mm = mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=base)
-        try:
-            mm.madvise(mmap.MADV_SEQUENTIAL)
-            with memoryview(mm) as view:
-                end = base + length
-                while pos < end:
-                    n = min(chunk, end - pos)
-                    with view[pos - base:pos - base + n] as piece:
-                        if hasher is not None:
-                            hasher.update(piece)
-                        await stream.send(piece)
-                    pos += n
-                    if progress is not None:
-                        progress(pos, size)
-        except BaseException as exc:
-            # The failed send()'s finished frames still hold views of the map
-            # (in the traceback); drop their locals so the map can be closed now.
-            traceback.clear_frames(exc.__traceback__)
-            await _unmap(mm)
-            raise
-        await _unmap(mm)  # its pages leave our RSS before the next window is mapped
-    return pos - start
+                      depth: int, chunk: int, hasher: Any, progress: Progress | None,
+                      done: _Progress) -> None:
+    """Send bytes [start, size) of ``fd``, read ``depth`` chunks ahead into reused buffers."""
+    loop = asyncio.get_running_loop()
+    free = [bytearray(min(chunk, size - start)) for _ in range(min(depth, -(-(size - start)
+                                                                        // chunk)))]
+    reads: collections.deque[tuple[Any, bytearray, int, int]] = collections.deque()
+    ahead = start
+
+    def read_next() -> None:
+        nonlocal ahead
+        buffer = free.pop()
+        n = min(chunk, size - ahead)
+        future = loop.run_in_executor(None, pread_exact, fd, memoryview(buffer)[:n], ahead)
+        reads.append((future, buffer, ahead, n))
+        ahead += n
+
+    try:
+        while ahead < size and free:
+            read_next()
+        while reads:
+            future, buffer, pos, n = reads[0]
+            got = await future
+            if got < n:
+                raise SourceChanged(name, f"it ends at byte {pos + got}, {size} were announced")
+            with memoryview(buffer)[:n] as piece:
+                if hasher is not None:
+                    hasher.update(piece)
+                await stream.send(piece)
+            reads.popleft()
+            free.append(buffer)
+            done.sent = pos + n - start
+            if progress is not None:
+                progress(pos + n, size)
+            if ahead < size:
+                read_next()
+    finally:
+        # a read still running writes into one of our buffers with our fd: let it end
+        if reads:
+            await asyncio.gather(*(f for f, _, _, _ in reads), return_exceptions=True)
 
 
 async def send_file(transport: Transport, path: str | os.PathLike[str], *,
@@ -298,19 +270,23 @@ async def send_file(transport: Transport, path: str | os.PathLike[str], *,
     """Send the file at ``path`` to a peer running :func:`receive_file`.
 
     ``name`` (default: the file's base name) is the relative POSIX path the
-    receiver stores it under. The file is read through read-only maps of
-    ``window`` bytes, sent ``chunk`` bytes per ``send()``; ``progress(done,
-    total)`` is called after each chunk. If the receiver holds a verified
-    prefix of this file (same name, size and mtime) the transfer resumes there.
+    receiver stores it under. The file is read ``chunk`` bytes at a time with
+    ``pread``, at most ``window`` bytes (and at least two chunks) ahead of the
+    wire, and sent ``chunk`` bytes per ``send()``; ``progress(done, total)`` is
+    called after each chunk. If the receiver holds a verified prefix of this
+    file (same name, size and mtime) the transfer resumes there. Returns only
+    once the receiver has the file in place under its final name.
 
-    Raises TransferRefused (bad name, existing file...), TransferInterrupted
-    (cancelled by the receiver, connection lost: send again to resume),
-    FileIntegrityError (whole-file digests differ), SourceChanged.
+    Raises TransferRefused and its kinds (bad name, existing file, a name
+    another transfer is receiving...), TransferInterrupted (cancelled by the
+    receiver, connection lost: send again to resume), FileIntegrityError
+    (whole-file digests differ), FileWriteError (the receiver's disk failed,
+    with its errno), SourceChanged (the file changed or shrank while it was
+    sent; the receiver keeps nothing final).
     """
     if chunk <= 0:
         raise ValueError("chunk must be positive")
-    gran = mmap.ALLOCATIONGRANULARITY
-    window = max(gran, -(-window // gran) * gran)
+    depth = max(2, -(-window // chunk))
     started = time.perf_counter()
     fspath = os.fspath(path)
     fd = os.open(fspath, os.O_RDONLY | os.O_CLOEXEC)
@@ -318,6 +294,7 @@ async def send_file(transport: Transport, path: str | os.PathLike[str], *,
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise FileTransferError(f"{fspath!r} is not a regular file")
+        identity = FileIdentity.of(fd)
         name = os.path.basename(fspath) if name is None else name
         check_file_name(name)  # refuse locally what the receiver would refuse
         size, mtime_ns = st.st_size, st.st_mtime_ns
@@ -326,7 +303,9 @@ async def send_file(transport: Transport, path: str | os.PathLike[str], *,
                             mtime_ns=mtime_ns, id=fid)
         reply = await _receive_control(transport, name, fid, ("file-accept", "file-refuse"))
         if reply["kind"] == "file-refuse":
-            raise TransferRefused(name, str(reply.get("reason", "")))
+            if "category" not in reply:  # a peer that gives only a reason
+                raise TransferRefused(name, str(reply.get("reason", "")))
+            raise_failure(reply, name=name, stream_id=0, file=True)
         offset = reply.get("offset")
         if type(offset) is not int or not 0 <= offset <= size:
             raise FileTransferError(f"file {name!r}: the receiver asked to resume at "
@@ -336,28 +315,30 @@ async def send_file(transport: Transport, path: str | os.PathLike[str], *,
         hasher = None
         if offset:
             hasher = xxhash.xxh3_128()
-            await _hash_prefix_in_thread(fd, offset, hasher)
+            try:
+                await _hash_prefix_in_thread(fd, offset, hasher)
+            except SourceChanged as exc:
+                raise SourceChanged(name, exc.args[0].split(": ", 1)[-1]) from None
         stream = await transport.open_stream({"kind": "file", "id": fid}, offset=offset)
-        sent = 0
+        done = _Progress()
         try:
-            sent = await _send_range(stream, fd, name, offset, size, window, chunk,
-                                     hasher, progress)
+            await _send_range(stream, fd, name, offset, size, depth, chunk, hasher,
+                              progress, done)
+            check_unchanged(fd, identity, name)  # before the end makes it complete
             stream_digest = await stream.end()
         except BaseException as exc:
-            await stream.cancel(reason=f"sender failed: {_reason(exc)}")
+            await stream.cancel(reason=f"sender failed: {_reason(exc)}"[:200])
+            at = offset + done.sent
             if isinstance(exc, StreamCancelled) and exc.remote:
                 # The receiver follows its cancel with a file-abort saying why.
-                reason = exc.reason
                 try:
                     abort = await asyncio.wait_for(_receive_control(
                         transport, name, fid, ("file-abort",)), _ABORT_WAIT)
-                    reason = str(abort.get("reason", reason))
                 except (asyncio.TimeoutError, ConnectionClosed, FileTransferError):
-                    pass
-                raise TransferInterrupted(name, offset + sent,
-                                          f"the receiver cancelled: {reason}") from exc
+                    abort = {"reason": exc.reason}
+                _raise_abort(abort, name, at, exc)
             if isinstance(exc, ConnectionClosed):
-                raise TransferInterrupted(name, offset + sent, _reason(exc)) from exc
+                raise TransferInterrupted(name, at, _reason(exc)) from exc
             raise
         digest = (hasher.hexdigest() if hasher is not None else stream_digest.hex())
         await _send_control(transport, "file-done", id=fid, digest=digest)
@@ -371,78 +352,76 @@ async def send_file(transport: Transport, path: str | os.PathLike[str], *,
             raise FileIntegrityError(stream.stream_id, name, digest,
                                      str(reply.get("digest", "?")))
         if reply["kind"] == "file-abort":
-            raise TransferInterrupted(name, size, f"the receiver failed: "
-                                      f"{reply.get('reason', '-')}")
-        return FileResult(fspath, name, size, digest, sent, offset,
+            _raise_abort(reply, name, size, None)
+        return FileResult(fspath, name, size, digest, done.sent, offset,
                           time.perf_counter() - started)
     finally:
         os.close(fd)
 
 
+def _raise_abort(abort: dict[Any, Any], name: str, offset: int,
+                 cause: BaseException | None) -> None:
+    """The receiver aborted the file: its disk, a refusal or an integrity failure
+    are theirs to say; anything else interrupted a resumable transfer."""
+    if abort.get("category") in ("write", "refused", "integrity"):
+        raise_failure(abort, name=name, stream_id=0, file=True, cause=cause)
+    raise TransferInterrupted(name, offset, f"the receiver cancelled: "
+                                            f"{abort.get('reason', '-')}") from cause
+
+
 # ------------------------------------------------------------------- receiver
 
 
-def _pwrite_all(fd: int, data: Any, offset: int) -> None:
-    view = memoryview(data)
-    while len(view):
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
-
-
-def _fsync_dir(path: str) -> None:
-    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
-def _unlink_quiet(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 class _Part:
-    """``<final>.part`` and its sidecar: the receiver's crash-safe state."""
+    """``<final>.part`` and its sidecar: the receiver's crash-safe state.
 
-    def __init__(self, final: str, offer: dict[str, Any]) -> None:
+    The ``.part`` is a :class:`~llmwire.payloads.landing.PartFile` (one owner,
+    no links followed); the sidecar lives beside it in the same directory,
+    reached through the directory's descriptor.
+    """
+
+    def __init__(self, directory: TargetDir, final: str, offer: dict[str, Any]) -> None:
+        self.dir = directory
+        self.file = PartFile(directory, final, offer["name"])
         self.final = final
-        self.part = final + PART_SUFFIX
         self.sidecar = final + SIDECAR_SUFFIX
+        self.tmp = final + _SIDECAR_TMP_SUFFIX
         self.offer = offer
-        self.fd = -1
         self.checkpointed = -1          # offset the sidecar records
+
+    @property
+    def fd(self) -> int:
+        return self.file.fd
+
+    def acquire(self) -> int:
+        """Own the ``.part``; keep the verified prefix a matching sidecar
+        records, drop anything past it; return that offset."""
+        self.file.acquire()
+        offset = self.resumable_offset()
+        self.file.truncate(offset)
+        return offset
 
     def resumable_offset(self) -> int:
         """The verified offset a matching sidecar records, or 0."""
         try:
-            fd = os.open(self.sidecar, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(self.sidecar, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=self.dir.fd)
         except OSError:
             return 0
         try:
             record = json.loads(os.read(fd, _MAX_CONTROL))
-            part = os.lstat(self.part)
         except (OSError, ValueError):
             return 0
         finally:
             os.close(fd)
         if not isinstance(record, dict) or record.get("id") != self.offer["id"] \
-                or record.get("version") != _SIDECAR_VERSION or not stat.S_ISREG(part.st_mode):
+                or record.get("version") != _SIDECAR_VERSION:
             return 0
         offset = record.get("offset")
         if type(offset) is not int or not 0 <= offset <= self.offer["size"] \
-                or offset > part.st_size:
+                or offset > self.file.size():
             return 0
         return offset
-
-    def open(self, offset: int) -> None:
-        # O_NOFOLLOW: a planted symlink at <name>.part must not redirect writes.
-        self.fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                          0o644)
-        os.ftruncate(self.fd, offset)  # keep the verified prefix, drop anything past it
 
     def checkpoint(self, offset: int, durable: bool = True) -> None:
         """Record ``offset`` in the sidecar (temporary name, then rename).
@@ -455,44 +434,44 @@ class _Part:
         fails and starts over), never a wrong file presented as complete.
         """
         if durable:
-            os.fsync(self.fd)
+            self.file.sync()
         record = {"version": _SIDECAR_VERSION, "offset": offset, **{
             k: self.offer[k] for k in ("id", "name", "size", "mtime_ns")}}
-        tmp = self.final + _SIDECAR_TMP_SUFFIX
-        _unlink_quiet(tmp)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o644)
+        self.dir.unlink_quiet(self.tmp)
+        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o644, dir_fd=self.dir.fd)
         try:
-            _pwrite_all(fd, json.dumps(record).encode(), 0)
+            pwrite_all(fd, json.dumps(record).encode(), 0)
             if durable:
                 os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, self.sidecar)
+        os.replace(self.tmp, self.sidecar, src_dir_fd=self.dir.fd, dst_dir_fd=self.dir.fd)
         if durable:
-            _fsync_dir(os.path.dirname(self.final))
+            self.dir.fsync()
         self.checkpointed = offset
 
-    def close(self) -> None:
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            os.close(fd)
-
-    def discard(self) -> None:
-        """Remove ``.part`` and its sidecar (their data is bad or unrecorded)."""
-        self.close()
-        for path in (self.part, self.sidecar, self.final + _SIDECAR_TMP_SUFFIX):
+    def _remove_sidecar(self) -> None:
+        for name in (self.sidecar, self.tmp):
             try:
-                _unlink_quiet(path)
+                self.dir.unlink_quiet(name)
             except OSError:
                 pass
 
+    def discard(self) -> None:
+        """Remove ``.part`` and its sidecar (their data is bad or unrecorded)."""
+        owned = self.file.fd >= 0
+        self.file.discard()
+        if owned:
+            self._remove_sidecar()
+
     def keep_for_resume(self, offset: int) -> bool:
-        """Checkpoint at ``offset`` and close; discard everything if that fails."""
+        """Checkpoint at ``offset`` and release; discard everything if that fails."""
+        if self.file.fd < 0:
+            return False
         try:
-            if self.fd >= 0:
-                self.checkpoint(offset)
-            self.close()
+            self.checkpoint(offset)
+            self.file.close()
             return True
         except OSError:
             self.discard()
@@ -500,27 +479,8 @@ class _Part:
 
     def place(self, overwrite: bool) -> None:
         """fsync, then move ``.part`` to the final name; never replace unless asked."""
-        os.fsync(self.fd)
-        self.close()
-        if overwrite:
-            os.replace(self.part, self.final)
-        else:
-            try:
-                os.link(self.part, self.final)  # atomic: fails if the name exists
-            except FileExistsError:
-                raise TargetExists(self.offer["name"], "the final file appeared during "
-                                   "the transfer and overwrite is off") from None
-            except OSError as exc:
-                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
-                    raise
-                if os.path.lexists(self.final):  # no hard links here: check, then rename
-                    raise TargetExists(self.offer["name"], "the final file appeared during "
-                                       "the transfer and overwrite is off") from None
-                os.replace(self.part, self.final)
-            else:
-                os.unlink(self.part)
-        _fsync_dir(os.path.dirname(self.final))
-        _unlink_quiet(self.sidecar)
+        self.file.place(overwrite)
+        self._remove_sidecar()
 
 
 def _parse_offer(header: Any) -> dict[str, Any]:
@@ -537,13 +497,35 @@ def _parse_offer(header: Any) -> dict[str, Any]:
     return {"name": name, "size": size, "mtime_ns": mtime_ns, "id": fid}
 
 
-async def _abort(transport: Transport, fid: str, reason: str) -> None:
-    """Tell the sender why we stopped (best effort, bounded)."""
+def _open_target(root: str, name: str, overwrite: bool) -> tuple[TargetDir, str]:
+    """The directory ``name`` lands in (walked without following links) and its
+    final base name; refuses an existing final name unless ``overwrite``."""
+    parts = check_file_name(name)
+    directory = TargetDir.walk(root, parts[:-1], create=True, name=name)
     try:
-        await asyncio.wait_for(_send_control(transport, "file-abort", id=fid, reason=reason),
-                               _ABORT_WAIT)
-    except (asyncio.TimeoutError, ConnectionClosed, StreamError):
-        pass
+        existing = directory.lstat(parts[-1])
+        if existing is not None and stat.S_ISDIR(existing.st_mode):
+            raise TargetExists(name, "a directory exists at the final name")
+        if existing is not None and not overwrite:
+            raise TargetExists(name, "the file exists and overwrite is off")
+    except BaseException:
+        directory.close()
+        raise
+    return directory, parts[-1]
+
+
+async def _abort(transport: Transport, fid: str, exc: BaseException) -> None:
+    """Tell the sender why we stopped (best effort, bounded)."""
+    await reply_quietly(transport, "file-abort", id=fid, **failure_fields(exc))
+
+
+async def _digest_part(part: _Part, size: int) -> str:
+    """The whole-file digest of ``.part`` as read back from the file."""
+    fd = os.dup(part.fd)  # the thread's own: a cancel here never closes it under the thread
+    try:
+        return await asyncio.to_thread(digest_on_disk, fd, size)
+    finally:
+        os.close(fd)
 
 
 async def receive_file(transport: Transport, directory: str | os.PathLike[str], *,
@@ -554,9 +536,13 @@ async def receive_file(transport: Transport, directory: str | os.PathLike[str], 
     ``stream`` is the offer's stream if the caller already accepted it (a
     dispatcher that looked at ``stream.header["kind"] == "file-offer"``);
     otherwise the next stream is accepted. The file is written into
-    ``<name>.part`` with ``pwrite`` and renamed to its final name only after
-    the whole-file digest matched; ``progress(done, total)`` follows the
-    writes. An existing final file is refused unless ``overwrite``.
+    ``<name>.part`` with ``pwrite`` (owned by this transfer alone: a second
+    transfer of the same name is refused with TargetBusy meanwhile) and
+    renamed to its final name only after the whole-file digest of the bytes
+    read back from it matched the sender's; ``progress(done, total)`` follows
+    the writes. An existing final file is refused unless ``overwrite``, and so
+    is an offer larger than the free space. Symlinks below ``directory`` are
+    never followed.
 
     Raises TransferRefused and its kinds (the sender is told why; nothing
     written), TransferInterrupted (``.part`` kept for resume), FileWriteError,
@@ -574,61 +560,54 @@ async def receive_file(transport: Transport, directory: str | os.PathLike[str], 
             stream = None
     await stream.read_all(_MAX_CONTROL)
     fid = stream.header.get("id") if isinstance(stream.header, dict) else None
-    # --- the offer: validate, then accept or refuse
+    # --- the offer: validate, own the .part, then accept or refuse
     part: _Part | None = None
+    target: TargetDir | None = None
     name: str | None = stream.header.get("name") if isinstance(stream.header, dict) else None
     try:
-        offer = _parse_offer(stream.header)
-        name, size = offer["name"], offer["size"]
-        final = _resolve_target(root, name)
-        if os.path.lexists(final) and not overwrite:
-            raise TargetExists(name, "the file exists and overwrite is off")
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        if not _inside(root, os.path.realpath(os.path.dirname(final))):
-            raise UnsafeFileName(name, "the name resolves outside the target directory")
-        part = _Part(final, offer)
-        offset = part.resumable_offset()
-        part.open(offset)
-        part.checkpoint(offset)
-    except TransferRefused as exc:
+        try:
+            offer = _parse_offer(stream.header)
+            name, size = offer["name"], offer["size"]
+            target, final = _open_target(root, name, overwrite)
+            part = _Part(target, final, offer)
+            offset = part.acquire()
+            check_free_space(target.fd, size - offset, name)
+            part.checkpoint(offset)
+        except OSError as exc:
+            if isinstance(exc, FileTransferError):  # TargetExists is an OSError too
+                raise
+            raise FileWriteError(name, exc) from exc
+    except (FileTransferError, PayloadRefused) as exc:
         if part is not None:
             part.discard()
-        await _send_control(transport, "file-refuse", id=fid, reason=exc.reason)
-        raise
-    except OSError as exc:
-        if part is not None:
-            part.discard()
-        await _send_control(transport, "file-refuse", id=fid,
-                            reason=f"receiver cannot create the file: {exc.strerror or exc}")
-        raise FileWriteError(name, exc) from exc
-    except FileTransferError as exc:
+        if target is not None:
+            target.close()
         if isinstance(fid, str):
-            await _send_control(transport, "file-refuse", id=fid, reason=str(exc))
+            await _send_control(transport, "file-refuse", id=fid, **failure_fields(exc))
         raise
-    # --- the data
+    try:
+        return await _receive_data(transport, part, offer, offset, overwrite, progress,
+                                   started)
+    finally:
+        part.file.close()
+        target.close()
+
+
+async def _receive_data(transport: Transport, part: _Part, offer: dict[str, Any], offset: int,
+                        overwrite: bool, progress: Progress | None,
+                        started: float) -> FileResult:
+    name, size, fid = offer["name"], offer["size"], offer["id"]
     pos = offset
     data: RecvStream | None = None
     accepted = False
     try:
         await _send_control(transport, "file-accept", id=fid, offset=offset)
         accepted = True
-        hasher = None
-        if offset:
-            hasher = xxhash.xxh3_128()
-            pfd = os.open(part.part, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:
-                await _hash_prefix_in_thread(pfd, offset, hasher)
-            finally:
-                os.close(pfd)
         data = await transport.accept_stream()
         if not isinstance(data.header, dict) or data.header.get("kind") != "file" \
                 or data.header.get("id") != fid or data.offset != offset:
             raise FileTransferError(f"file {name!r}: expected the file stream at offset "
                                     f"{offset}, got header {data.header!r} at {data.offset}")
-        # From offset 0 the transport's verified stream digest is the file's.
-        use_stream_digest = hasher is None and hasattr(data, "digest")
-        if hasher is None and not use_stream_digest:
-            hasher = xxhash.xxh3_128()
         while True:
             chunk = await data.read()
             if not chunk:
@@ -637,9 +616,7 @@ async def receive_file(transport: Transport, directory: str | os.PathLike[str], 
             if pos + n > size:
                 raise FileTransferError(f"file {name!r}: the sender sent more than the "
                                         f"{size} bytes it offered")
-            _pwrite_all(part.fd, chunk, pos)
-            if hasher is not None:
-                hasher.update(chunk)
+            pwrite_all(part.fd, chunk, pos)
             del chunk
             pos += n
             if pos - part.checkpointed >= CHECKPOINT_BYTES:
@@ -648,15 +625,9 @@ async def receive_file(transport: Transport, directory: str | os.PathLike[str], 
                 progress(pos, size)
         if pos != size:
             raise TransferInterrupted(name, pos, f"the stream ended after {pos} of {size} bytes")
-        if use_stream_digest:
-            digest_bytes = getattr(data, "digest", None)
-            if not isinstance(digest_bytes, bytes) or len(digest_bytes) != 16:
-                raise FileTransferError(f"file {name!r}: the transport gave no stream digest")
-            actual = digest_bytes.hex()
-        else:
-            assert hasher is not None
-            actual = hasher.hexdigest()
         done = await _receive_control(transport, name, fid, ("file-done",))
+        # The verdict is on the bytes in the file, not on those that crossed the wire.
+        actual = await _digest_part(part, size)
     except IntegrityError:
         # The transport's stream digest failed: some received bytes are bad.
         part.discard()
@@ -668,7 +639,7 @@ async def receive_file(transport: Transport, directory: str | os.PathLike[str], 
         else:
             part.discard()
         await _cancel(transport, data, accepted, str(exc))
-        await _abort(transport, fid, str(exc))
+        await _abort(transport, fid, exc)
         raise
     except OSError as exc:
         # Disk full or an I/O error: the bytes before ``pos`` are on disk; keep
@@ -676,7 +647,7 @@ async def receive_file(transport: Transport, directory: str | os.PathLike[str], 
         error = FileWriteError(name, exc)
         await _cancel(transport, data, accepted, str(error))
         part.keep_for_resume(pos)
-        await _abort(transport, fid, str(error))
+        await _abort(transport, fid, error)
         raise error from exc
     except (StreamError, ConnectionClosed) as exc:
         part.keep_for_resume(pos)
@@ -684,8 +655,8 @@ async def receive_file(transport: Transport, directory: str | os.PathLike[str], 
     except BaseException as exc:  # cancelled, or a progress callback failed
         await _cancel(transport, data, accepted, f"receiver failed: {_reason(exc)}")
         part.keep_for_resume(pos)
-        if not transport.is_closed:
-            await _abort(transport, fid, f"receiver failed: {_reason(exc)}")
+        await _abort(transport, fid, TransferInterrupted(name, pos,
+                                                         f"receiver failed: {_reason(exc)}"))
         raise
     # --- the verdict
     expected = done.get("digest")
@@ -697,14 +668,15 @@ async def receive_file(transport: Transport, directory: str | os.PathLike[str], 
         part.place(overwrite)
     except TargetExists as exc:
         part.discard()
-        await _send_control(transport, "file-abort", id=fid, reason=exc.reason)
+        await _abort(transport, fid, exc)
         raise
     except OSError as exc:
         part.discard()
-        await _send_control(transport, "file-abort", id=fid, reason=f"cannot place file: {exc}")
-        raise FileWriteError(name, exc) from exc
+        error = FileWriteError(name, exc)
+        await _abort(transport, fid, error)
+        raise error from exc
     await _send_control(transport, "file-ok", id=fid, digest=actual)
-    return FileResult(part.final, name, size, actual, pos - offset, offset,
+    return FileResult(part.file.final_path, name, size, actual, pos - offset, offset,
                       time.perf_counter() - started)
 
 
@@ -718,7 +690,7 @@ async def _cancel(transport: Transport, data: RecvStream | None, accepted: bool,
             data = await asyncio.wait_for(transport.accept_stream(), _ABORT_WAIT)
         if data is not None:
             await data.cancel(reason=reason[:200])
-    except (asyncio.TimeoutError, ConnectionClosed, StreamError):
+    except (asyncio.TimeoutError, LlmwireError):
         pass
 
 
@@ -728,5 +700,5 @@ async def _finish_failed(transport: Transport, name: str, fid: str, why: str) ->
         await asyncio.wait_for(_receive_control(transport, name, fid, ("file-done",)),
                                _ABORT_WAIT)
         await _send_control(transport, "file-failed", id=fid, digest=why)
-    except (asyncio.TimeoutError, ConnectionClosed, StreamError, FileTransferError):
+    except (asyncio.TimeoutError, LlmwireError):
         pass

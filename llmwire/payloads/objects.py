@@ -27,6 +27,7 @@ import numpy as np
 from ..errors import LocalProtocolError, ManifestError, PayloadError
 from ..tensors import DTYPES, torch_module, view_tensor
 from ..transport.base import RecvStream, Transport
+from .verdict import refuse_stream
 
 __all__ = ["send_object", "receive_object", "pack_object", "unpack_object", "STREAM_KIND",
            "DEFAULT_MAX_OBJECT_BYTES"]
@@ -110,8 +111,9 @@ async def receive_object(source: Transport | RecvStream, *,
     stream = source if isinstance(source, RecvStream) else await source.accept_stream()
     if not isinstance(stream.header, dict) or stream.header.get("kind") != STREAM_KIND:
         kind = stream.header.get("kind") if isinstance(stream.header, dict) else None
-        await stream.cancel(reason="expected an object")
-        raise ManifestError(f"stream {stream.stream_id} carries {kind!r}, not an object")
+        error = ManifestError(f"stream {stream.stream_id} carries {kind!r}, not an object")
+        await refuse_stream(stream, error)
+        raise error
     try:
         data = await stream.read_all(max_size)
     except LocalProtocolError:

@@ -6,7 +6,8 @@ slice by slice, either straight into a flat view it hands out
 (:meth:`~StateDictSink.target`) or through :meth:`~StateDictSink.write`.
 Nothing is presented as complete before :meth:`~StateDictSink.commit`,
 which runs only after the stream's digest verified; any failure calls
-:meth:`~StateDictSink.abort`.
+:meth:`~StateDictSink.abort`. What :meth:`~StateDictSink.receipt` returns
+after the commit goes back to the sender with the verdict.
 
 ``write`` and the slices of ``target`` may be filled from worker threads, at
 once for different slices.
@@ -17,15 +18,21 @@ from __future__ import annotations
 import abc
 import json
 import os
-import threading
+import stat
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import xxhash
 
-from ..errors import PayloadError, TargetMismatch
+from ..errors import (
+    FileIntegrityError, FileWriteError, PayloadError, TargetExists, TargetMismatch,
+    TransferRefused, UnsafeFileName,
+)
 from ..tensors import DTYPES, empty_like_spec, view_tensor
+from .landing import PART_SUFFIX, READ_BLOCK, PartFile, TargetDir, check_free_space, pwrite_all
 from .manifest import Entry, Manifest
+from .source import pread_exact
 
 __all__ = ["StateDictSink", "MemorySink", "InPlaceSink", "SafetensorsSink", "SAFETENSORS_DTYPES"]
 
@@ -57,6 +64,11 @@ class StateDictSink(abc.ABC):
     @abc.abstractmethod
     def commit(self) -> Any:
         """The whole stream verified: make the result visible and return it."""
+
+    def receipt(self) -> dict[str, Any]:
+        """After :meth:`commit`: a small msgpack-able map the sender gets back
+        in the verdict (``TransferResult.receipt``), e.g. where a file landed."""
+        return {}
 
     def abort(self) -> None:
         """The transfer failed: leave nothing that looks complete."""
@@ -166,28 +178,91 @@ SAFETENSORS_DTYPES = {
 _COPY_CHUNK = 8 * 1024 * 1024
 
 
+class _Ledger:
+    """What a sink wrote where: (offset, length, xxh3-64 of the bytes), so the
+    file can be read back and checked before it is declared complete."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[int, int, int]] = []
+
+    def add(self, offset: int, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        self.records.append((offset, len(view), xxhash.xxh3_64_intdigest(view)))
+
+    def verify(self, fd: int, size: int, name: str) -> str:
+        """Read the file back: every range must hash as written and together
+        they must cover ``[0, size)``; return the whole file's xxh3-128 (hex)."""
+        whole = xxhash.xxh3_128()
+        buf = bytearray(min(READ_BLOCK, max(size, 1)))
+        view = memoryview(buf)
+        pos = 0
+        for offset, length, expected in sorted(self.records):
+            if offset != pos:
+                raise PayloadError(f"{name}: bytes [{pos}, {offset}) were never written")
+            part = xxhash.xxh3_64()
+            done = 0
+            while done < length:
+                n = pread_exact(fd, view[:min(len(view), length - done)], offset + done)
+                if n == 0:
+                    raise FileIntegrityError(0, name, "a complete file",
+                                             f"a file that ends at byte {offset + done}")
+                part.update(view[:n])
+                whole.update(view[:n])
+                done += n
+            if part.intdigest() != expected:
+                error = FileIntegrityError(0, name, f"{expected:016x}", part.hexdigest())
+                error.args = (f"{name}: the bytes at [{offset}, {offset + length}) read back "
+                              "from the file differ from what was written (another writer?)",)
+                raise error
+            pos += length
+        if pos != size:
+            raise PayloadError(f"{name}: bytes [{pos}, {size}) were never written")
+        return whole.hexdigest()
+
+
 class SafetensorsSink(StateDictSink):
     """Writes a ``.safetensors`` file at offsets as entries arrive.
 
     The header is known from the manifest, so it is written first and every
     slice lands at its final offset with ``os.pwrite``: memory stays at one
     slice whatever the model size. The file is ``<path>.part`` until the
-    stream's digest verified; then it is fsynced and renamed into place.
-    Tied entries are written twice (safetensors does not alias tensors).
+    stream's digest verified, owned by this transfer alone (an exclusive lock:
+    a second transfer to the same path is refused with TargetBusy meanwhile)
+    and opened without following a link. At :meth:`commit` every byte is read
+    back and checked against the digests of what was written, then the file
+    is fsynced and renamed into place; :meth:`receipt` then gives its path,
+    size and whole-file xxh3-128. Tied entries are written twice (safetensors
+    does not alias tensors).
+
+    ``root``: the path lies below this trusted directory, and each directory
+    between them is opened without following links (made if missing), as
+    ``llmwire recv`` does for ``--out``; without it, the parent directory is
+    taken as it is.
     """
 
-    def __init__(self, path: str | os.PathLike[str], overwrite: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], overwrite: bool = False, *,
+                 root: str | os.PathLike[str] | None = None) -> None:
         self.path = Path(path)
         self.overwrite = overwrite
-        self.part = self.path.with_name(self.path.name + ".part")
-        self._fd: int | None = None
-        self._rfd: int | None = None
+        self.root = None if root is None else os.fspath(root)
+        self.part = self.path.with_name(self.path.name + PART_SUFFIX)
+        self._dir: TargetDir | None = None
+        self._file: PartFile | None = None
         self._offsets: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self._ledger = _Ledger()
+        self._size = 0
+        self._receipt: dict[str, Any] = {}
+
+    def _open_directory(self) -> TargetDir:
+        if self.root is None:
+            return TargetDir.at(self.path.parent)
+        relative = os.path.relpath(self.path.parent, self.root)
+        parts = () if relative == "." else tuple(relative.split(os.sep))
+        if ".." in parts:
+            raise UnsafeFileName(self.path.name, f"{self.path} is not below {self.root}")
+        return TargetDir.walk(self.root, parts, create=True, name=str(self.path))
 
     def prepare(self, manifest: Manifest) -> None:
-        if self.path.exists() and not self.overwrite:
-            raise PayloadError(f"{self.path} exists (pass overwrite=True to replace it)")
         specs = {e.name: e.spec for e in manifest.entries if e.spec is not None}
         header: dict[str, Any] = {}
         metadata = {k: v for k, v in manifest.metadata.items()
@@ -207,86 +282,88 @@ class SafetensorsSink(StateDictSink):
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned
         self._data_start = 8 + len(encoded)
-        self.parent = self.path.parent
+        self._size = self._data_start + position
+        name = self.path.name
         try:
-            self._fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            self._pwrite(len(encoded).to_bytes(8, "little") + encoded, 0)
-            os.ftruncate(self._fd, self._data_start + position)
+            self._dir = self._open_directory()
+            existing = self._dir.lstat(name)
+            if existing is not None and (stat.S_ISDIR(existing.st_mode) or not self.overwrite):
+                raise TargetExists(str(self.path), "a directory is there" if
+                                   stat.S_ISDIR(existing.st_mode) else
+                                   "the file exists and overwrite is off")
+            self._file = PartFile(self._dir, name, str(self.path))
+            self._file.acquire()
+            self._file.truncate(0)
+            check_free_space(self._dir.fd, self._size, str(self.path))
+            head = len(encoded).to_bytes(8, "little") + encoded
+            self._file.write(head, 0)
+            self._ledger.add(0, head)
+            self._file.truncate(self._size)
+        except (PayloadError, TransferRefused):
+            self.abort()
+            raise
         except OSError as exc:
             self.abort()
-            raise PayloadError(f"cannot write {self.part}: {exc}") from exc
+            raise FileWriteError(str(self.part), exc) from exc
 
-    def _pwrite(self, data: Any, offset: int) -> None:
-        view = memoryview(data).cast("B")
-        assert self._fd is not None
-        while view:
-            written = os.pwrite(self._fd, view, offset)
-            view, offset = view[written:], offset + written
+    def _fd(self) -> int:
+        assert self._file is not None
+        return self._file.fd
 
     def write(self, entry: Entry, start: int, values: np.ndarray) -> None:
         assert entry.spec is not None
         itemsize = DTYPES[entry.spec.dtype].itemsize
         offset = self._data_start + self._offsets[entry.name] + start * itemsize
         try:
-            self._pwrite(values, offset)
+            pwrite_all(self._fd(), values, offset)
         except OSError as exc:
-            raise PayloadError(f"cannot write {self.part}: {exc}") from exc
+            raise FileWriteError(str(self.part), exc) from exc
+        self._ledger.add(offset, values)
 
     def tie(self, entry: Entry, source: Entry) -> None:
-        assert self._fd is not None and source.spec is not None
+        assert source.spec is not None
         size = source.spec.numel * DTYPES[source.spec.dtype].itemsize
         src = self._data_start + self._offsets[source.name]
         dst = self._data_start + self._offsets[entry.name]
         try:
             for done in range(0, size, _COPY_CHUNK):
-                n = min(_COPY_CHUNK, size - done)
-                self._pwrite(os.pread(self._fd_read(), n, src + done), dst + done)
+                data = os.pread(self._fd(), min(_COPY_CHUNK, size - done), src + done)
+                pwrite_all(self._fd(), data, dst + done)
+                self._ledger.add(dst + done, data)
         except OSError as exc:
-            raise PayloadError(f"cannot write {self.part}: {exc}") from exc
-
-    def _fd_read(self) -> int:
-        with self._lock:
-            if self._rfd is None:
-                self._rfd = os.open(self.part, os.O_RDONLY)
-            return self._rfd
+            raise FileWriteError(str(self.part), exc) from exc
 
     def entry_done(self, entry: Entry) -> Path:
         return self.path
 
     def commit(self) -> Path:
-        assert self._fd is not None
+        assert self._file is not None
         try:
-            if self.path.exists() and not self.overwrite:
-                raise PayloadError(f"{self.path} appeared during the transfer; not replaced")
-            os.fsync(self._fd)
-            self._close()
-            os.replace(self.part, self.path)
-            _fsync_dir(self.parent)
+            digest = self._ledger.verify(self._file.fd, self._size, str(self.part))
+            self._file.place(self.overwrite)
         except OSError as exc:
             self.abort()
-            raise PayloadError(f"cannot complete {self.path}: {exc}") from exc
-        except PayloadError:
+            if isinstance(exc, TransferRefused):  # TargetExists is an OSError too
+                raise
+            raise FileWriteError(str(self.path), exc) from exc
+        except BaseException:
             self.abort()
             raise
+        self._close()
+        self._receipt = {"path": str(self.path), "bytes": self._size, "digest": digest}
         return self.path
 
+    def receipt(self) -> dict[str, Any]:
+        return dict(self._receipt)
+
     def _close(self) -> None:
-        for fd in (self._fd, self._rfd):
-            if fd is not None:
-                os.close(fd)
-        self._fd = self._rfd = None
+        if self._file is not None:
+            self._file.close()
+        if self._dir is not None:
+            self._dir.close()
+            self._dir = None
 
     def abort(self) -> None:
+        if self._file is not None:
+            self._file.discard()
         self._close()
-        try:
-            os.unlink(self.part)
-        except FileNotFoundError:
-            pass
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

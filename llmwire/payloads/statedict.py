@@ -19,27 +19,36 @@ import asyncio
 import collections
 import fnmatch
 import os
-import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Mapping
 
 import numpy as np
 
-from ..errors import LlmwireError, ManifestError, NonFiniteError, PayloadError
+from ..errors import (
+    ConnectionClosed, FileWriteError, LlmwireError, LocalProtocolError, ManifestError,
+    NonFiniteError, PayloadError, PayloadRefused, QuantizationError, StreamCancelled,
+)
 from ..quant import codec
-from ..quant.codec import MIN_ELEMENTS, TensorSpec, make_spec
+from ..quant.codec import FLOAT_DTYPES, MIN_ELEMENTS, TensorSpec, make_spec
 from ..quant.formats import get_format
 from ..tensors import DTYPES, TensorView, view_tensor
 from ..transport.base import RecvStream, Transport
 from .manifest import LENGTH_PREFIX, MAX_MANIFEST_BYTES, MAX_SLICE_ELEMENTS, Entry, Manifest
 from .reader import ChunkReader
 from .sinks import InPlaceSink, MemorySink, SafetensorsSink, StateDictSink
+from .verdict import (
+    FAILED_REPLY, QUEUED_REPLY_WAIT, failure_fields, raise_failure, receive_control,
+    refuse_stream, reply_quietly,
+)
 
-__all__ = ["send_state_dict", "receive_state_dict", "iter_state_dict", "plan_state_dict",
-           "TransferResult", "DEFAULT_SLICE_BYTES", "STREAM_KIND"]
+__all__ = ["send_state_dict", "receive_state_dict", "iter_state_dict", "refuse_state_dict",
+           "plan_state_dict", "TransferResult", "DEFAULT_SLICE_BYTES", "STREAM_KIND"]
 
 STREAM_KIND = "state_dict"
+#: the receiver's answer once a state dict landed, or failed to
+VERDICT_OK, VERDICT_FAILED = "state_dict-ok", FAILED_REPLY[STREAM_KIND]
 #: Source bytes per slice (before alignment): the unit of encoding and memory.
 DEFAULT_SLICE_BYTES = 4 * 1024 * 1024
 #: Slices encoded ahead of (or restored behind) the one on the wire.
@@ -57,19 +66,27 @@ class TransferResult:
     wire_bytes: int  # stream body: manifest and encoded entries
     seconds: float
     formats: dict[str, int] = field(default_factory=dict)  # entries per format
-    nonfinite: int = 0
+    nonfinite: int = 0  # NaN/inf values the block formats mapped (docs/quantization.md)
+    #: float tensors the format cannot take (e.g. float64 under nf4), sent as they are
+    kept_raw: tuple[str, ...] = ()
+    #: the receiver's receipt once it committed (a file sink: its path, bytes, digest)
+    receipt: dict[str, Any] = field(default_factory=dict)
 
 
 def _format_for(name: str, numel: int, fmt: str, overrides: Mapping[str, str],
-                min_elements: int) -> str:
+                min_elements: int) -> tuple[str, bool]:
+    """The format for one tensor, and whether an override chose it by name."""
     for pattern, chosen in overrides.items():
         if name == pattern or fnmatch.fnmatchcase(name, pattern):
-            return chosen
-    return "raw" if numel < min_elements else fmt
+            return chosen, True
+    return ("raw" if numel < min_elements else fmt), False
 
 
 def _storage_key(tensor: Any, view: TensorView) -> tuple[Any, ...]:
-    """Two tensors with equal keys are the same values in the same memory."""
+    """Two tensors with equal keys are the same values in the same memory (or file)."""
+    own = getattr(view, "storage_key", None)
+    if own is not None:
+        return own
     if view.container == "torch":
         storage = tensor.untyped_storage()
         return (storage.data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
@@ -85,7 +102,13 @@ def plan_state_dict(state_dict: Mapping[str, Any], fmt: str = "raw", *,
                     metadata: Mapping[str, Any] | None = None
                     ) -> tuple[Manifest, dict[str, TensorView]]:
     """Decide each entry's encoding (see :func:`send_state_dict`) and build
-    the manifest; no data is touched."""
+    the manifest; no data is touched.
+
+    A float tensor the default format cannot take (``float64`` under any
+    quantized format: they take float32, float16 and bfloat16) goes as it is;
+    :func:`send_state_dict` lists such names in ``TransferResult.kept_raw``.
+    An override that names a format for such a tensor is an error.
+    """
     if not isinstance(slice_bytes, int) or not 4096 <= slice_bytes <= MAX_SLICE_ELEMENTS * 4:
         raise PayloadError(f"slice_bytes must be in [4096, {MAX_SLICE_ELEMENTS * 4}]")
     overrides = dict(overrides or {})
@@ -101,12 +124,18 @@ def plan_state_dict(state_dict: Mapping[str, Any], fmt: str = "raw", *,
             entries.append(Entry(name, None, first_of[key]))
             continue
         first_of[key] = name
-        chosen = _format_for(name, view.numel, fmt, overrides, min_elements)
+        chosen, named = _format_for(name, view.numel, fmt, overrides, min_elements)
         chosen = "raw" if chosen in ("fp32", "none") else chosen
+        if not named and view.dtype not in FLOAT_DTYPES and DTYPES[view.dtype].is_float:
+            get_format(chosen)  # a bad format name is still an error
+            chosen = "raw"
         is_block = get_format(chosen).is_block
-        spec = make_spec(view.dtype, view.shape, chosen,
-                         block_size=block_size if is_block else None,
-                         nested=nested if is_block else False)
+        try:
+            spec = make_spec(view.dtype, view.shape, chosen,
+                             block_size=block_size if is_block else None,
+                             nested=nested if is_block else False)
+        except QuantizationError as exc:
+            raise QuantizationError(f"{name!r}: {exc}") from None
         entries.append(Entry(name, spec))
         views[name] = view
     manifest = Manifest(tuple(entries), max(1, slice_bytes // 4), dict(metadata or {}))
@@ -162,16 +191,28 @@ async def send_state_dict(transport: Transport, state_dict: Mapping[str, Any],
                           slice_bytes: int = DEFAULT_SLICE_BYTES,
                           header: Mapping[str, Any] | None = None,
                           progress: Progress | None = None) -> TransferResult:
-    """Stream ``state_dict`` (torch tensors or NumPy arrays) over one stream.
+    """Stream ``state_dict`` (torch tensors, NumPy arrays, or the lazily read
+    tensors of :func:`~llmwire.open_checkpoint`) over one stream, and wait for
+    the receiver's verdict.
 
-    ``fmt`` is applied to every float tensor (``raw``/``fp32`` sends them as
-    they are); ``overrides`` maps names or glob patterns to formats (first
-    match wins, e.g. ``{"*.norm.weight": "raw", "lm_head.*": "bf16"}``);
-    tensors with fewer than ``min_elements`` elements go raw unless an
-    override names them; integer and bool tensors always go raw. Tensors that
-    share storage (tied weights) are sent once. ``metadata`` travels in the
-    manifest; ``header`` extends the stream header. Returns a
-    :class:`TransferResult` once the stream ended.
+    ``fmt`` is applied to every float tensor it can take (``raw``/``fp32``
+    sends them as they are; float64 tensors go raw under quantized formats and
+    are listed in ``TransferResult.kept_raw``); ``overrides`` maps names or
+    glob patterns to formats (first match wins, e.g. ``{"*.norm.weight":
+    "raw", "lm_head.*": "bf16"}``); tensors with fewer than ``min_elements``
+    elements go raw unless an override names them; integer and bool tensors
+    always go raw. Tensors that share storage (tied weights) are sent once.
+    ``metadata`` travels in the manifest; ``header`` extends the stream header.
+
+    Returns a :class:`TransferResult` only once the receiver said the state
+    dict landed (verified and committed: returned, filled in place, or renamed
+    into place), with the receiver's ``receipt``. Raises, with the receiver's
+    reason: :class:`~llmwire.PayloadRefused` (it refused the state dict: names,
+    shapes or dtypes that do not fit, a target that exists or is busy, a size
+    over its limit), ``IntegrityError``, ``FileWriteError`` (its disk failed),
+    ``StreamCancelled`` (it stopped reading), ``PayloadError``; a source
+    checkpoint that changed while it was read raises ``SourceChanged`` and the
+    receiver keeps nothing.
     """
     if nonfinite not in codec.NONFINITE_POLICIES:
         raise PayloadError(f"nonfinite must be one of {codec.NONFINITE_POLICIES}")
@@ -180,22 +221,75 @@ async def send_state_dict(transport: Transport, state_dict: Mapping[str, Any],
                                       nested=nested, slice_bytes=slice_bytes,
                                       metadata=metadata)
     started = time.perf_counter()
-    stream = await transport.open_stream({**(header or {}), "kind": STREAM_KIND})
+    key = uuid.uuid4().hex
+    name = header.get("name") if header else None
+    stream = await transport.open_stream({**(header or {}), "kind": STREAM_KIND, "id": key})
     found = 0
     try:
         prefix = manifest.to_bytes()
         await stream.send(prefix)
         found = await _send_entries(stream, manifest, views, nonfinite, progress)
+        _check_sources(views)  # before the end makes the stream complete
         await stream.end()
+    except StreamCancelled as exc:
+        if not exc.remote:
+            raise
+        # The receiver stopped us; it sent its verdict first, saying why (a
+        # receiver of another kind of stream sends none).
+        try:
+            verdict = await asyncio.wait_for(_receive_verdict(transport, key),
+                                             QUEUED_REPLY_WAIT)
+        except (asyncio.TimeoutError, ConnectionClosed, PayloadError):
+            raise exc from None
+        _raise_verdict(verdict, name, stream.stream_id, exc)
     except BaseException as exc:
         await _cancel_quietly(stream, exc)
         raise
+    verdict = await _receive_verdict(transport, key)
+    if verdict["kind"] != VERDICT_OK:
+        _raise_verdict(verdict, name, stream.stream_id, None)
+    receipt = verdict.get("receipt")
     formats = collections.Counter(e.spec.format for e in manifest.entries if e.spec)
+    kept_raw = _kept_raw(manifest, fmt, overrides or {}, min_elements)
     return TransferResult(
         entries=len(manifest.entries),
         tensor_bytes=sum(v.numel * DTYPES[v.dtype].itemsize for v in views.values()),
         wire_bytes=len(prefix) + manifest.body_nbytes,
-        seconds=time.perf_counter() - started, formats=dict(formats), nonfinite=found)
+        seconds=time.perf_counter() - started, formats=dict(formats), nonfinite=found,
+        kept_raw=kept_raw, receipt=receipt if isinstance(receipt, dict) else {})
+
+
+def _kept_raw(manifest: Manifest, fmt: str, overrides: Mapping[str, str],
+              min_elements: int) -> tuple[str, ...]:
+    """Float tensors that went raw only because ``fmt`` cannot take their dtype."""
+    if fmt in ("raw", "fp32", "none"):
+        return ()
+    return tuple(
+        e.name for e in manifest.entries
+        if e.spec is not None and e.spec.format == "raw" and DTYPES[e.spec.dtype].is_float
+        and e.spec.dtype not in FLOAT_DTYPES
+        and _format_for(e.name, e.spec.numel, fmt, overrides, min_elements) == (fmt, False))
+
+
+def _check_sources(views: Mapping[str, TensorView]) -> None:
+    """Every file a lazily read tensor came from is still the version we read."""
+    checked: set[int] = set()
+    for view in views.values():
+        check = getattr(view, "check_unchanged", None)
+        if check is not None and id(view.owner) not in checked:
+            checked.add(id(view.owner))
+            check()
+
+
+async def _receive_verdict(transport: Transport, key: str) -> dict[Any, Any]:
+    return await receive_control(transport, (VERDICT_OK, VERDICT_FAILED), key,
+                                 what="state dict", error=PayloadError)
+
+
+def _raise_verdict(verdict: dict[Any, Any], name: Any, stream_id: int,
+                   cause: BaseException | None) -> None:
+    raise_failure(verdict, name=name if isinstance(name, str) else None,
+                  stream_id=stream_id, file=False, cause=cause)
 
 
 async def _cancel_quietly(stream: Any, exc: BaseException) -> None:
@@ -206,15 +300,22 @@ async def _cancel_quietly(stream: Any, exc: BaseException) -> None:
 
 
 def _encode_job(spec: TensorSpec, view: TensorView, start: int, stop: int,
-                parts: list[np.ndarray]) -> int:
-    return codec.encode_slice_into(spec, view.slice(start, stop), parts)
+                parts: list[np.ndarray], scratch: np.ndarray | None) -> int:
+    if spec.format == "raw" and view.container == "file":
+        view.slice(start, stop, parts[0])  # read from the file straight into the wire buffer
+        return 0
+    return codec.encode_slice_into(spec, view.slice(start, stop, scratch), parts)
 
 
 async def _send_entries(stream: Any, manifest: Manifest, views: Mapping[str, TensorView],
                         nonfinite: str, progress: Progress | None) -> int:
     loop = asyncio.get_running_loop()
     executor = codec._executor()
-    pool = _BufferPool(_largest_slice(manifest)[0], PIPELINE_DEPTH)
+    wire_size, restored_size = _largest_slice(manifest)
+    pool = _BufferPool(wire_size, PIPELINE_DEPTH)
+    # values read from a file land here before they are quantized
+    scratch = _BufferPool(restored_size if any(v.container == "file" for v in views.values())
+                          else 0, PIPELINE_DEPTH)
     total, sent, found = manifest.body_nbytes, 0, 0
     work = ((entry, start, stop) for entry in manifest.entries if entry.spec is not None
             for start, stop in entry.slices(manifest.slice_elements))
@@ -229,7 +330,11 @@ async def _send_entries(stream: Any, manifest: Manifest, views: Mapping[str, Ten
             return
         buffer = pool.take()
         parts, nbytes = _carve(buffer, spec, stop - start)
-        future = loop.run_in_executor(executor, _encode_job, spec, view, start, stop, parts)
+        values = scratch.take() if view.container == "file" and spec.format != "raw" else None
+        future = loop.run_in_executor(executor, _encode_job, spec, view, start, stop, parts,
+                                      values)
+        if values is not None:
+            future.add_done_callback(lambda _, values=values: scratch.give(values))
         in_flight.append((entry, future, buffer, buffer[:nbytes]))
 
     try:
@@ -284,34 +389,62 @@ async def _accept(source: Transport | RecvStream) -> RecvStream:
     stream = source if isinstance(source, RecvStream) else await source.accept_stream()
     kind = stream.header.get("kind") if isinstance(stream.header, dict) else None
     if kind != STREAM_KIND:
-        await stream.cancel(reason="expected a state dict")
-        raise ManifestError(f"stream {stream.stream_id} carries {kind!r}, not a state dict")
+        error = ManifestError(f"stream {stream.stream_id} carries {kind!r}, not a state dict")
+        await refuse_stream(stream, error)
+        raise error
     return stream
+
+
+def _answer_on(source: Transport | RecvStream, stream: RecvStream,
+               transport: Transport | None) -> Transport | None:
+    """The transport to send the verdict on (None: the sender expects none)."""
+    if not isinstance(stream.header.get("id"), str):
+        return None  # a sender that waits for no verdict
+    answer = transport or (source if isinstance(source, Transport) else stream.transport)
+    if answer is None:
+        raise LocalProtocolError("this stream came from a transport llmwire cannot answer "
+                                 "on: pass transport= so the sender gets its verdict")
+    return answer
+
+
+async def refuse_state_dict(stream: RecvStream, error: BaseException, *,
+                            transport: Transport | None = None) -> None:
+    """Refuse a state-dict stream a dispatcher accepted without reading it:
+    tell the sender why (its ``send_state_dict`` raises the matching error,
+    e.g. :class:`~llmwire.PayloadRefused`) and cancel the stream."""
+    _answer_on(stream, stream, transport)  # LocalProtocolError if there is no way to answer
+    await refuse_stream(stream, error, transport=transport)
 
 
 async def iter_state_dict(source: Transport | RecvStream, into: Any = None, *,
                           container: str = "torch", strict: bool = True,
                           overwrite: bool = False, max_bytes: int | None = None,
-                          progress: Progress | None = None) -> AsyncIterator[tuple[str, Any]]:
+                          progress: Progress | None = None,
+                          transport: Transport | None = None
+                          ) -> AsyncIterator[tuple[str, Any]]:
     """Receive a state dict, yielding ``(name, value)`` as each entry is
     restored: the tensor (memory or in place) or the file path.
 
     Every byte of a yielded entry passed its frame checksum; the stream's
     digest is checked after the last entry, and only then is the result
-    committed (a file renamed into place). If that check fails the iterator
-    raises :class:`~llmwire.IntegrityError` after the last entry: discard
-    what you aggregated. ``into`` as for :func:`receive_state_dict`.
+    committed (a file renamed into place) and the sender told it landed. If
+    that check fails the iterator raises :class:`~llmwire.IntegrityError`
+    after the last entry: discard what you aggregated. Leaving the loop early
+    cancels the stream (the sender raises ``StreamCancelled``). ``into`` as for
+    :func:`receive_state_dict`.
     """
     stream = await _accept(source)
+    answer = _answer_on(source, stream, transport)
     sink = _make_sink(into, container, strict, overwrite)
-    async for item in _receive(stream, sink, max_bytes, progress):
+    async for item in _receive(stream, sink, max_bytes, progress, answer):
         yield item
 
 
 async def receive_state_dict(source: Transport | RecvStream, into: Any = None, *,
                              container: str = "torch", strict: bool = True,
                              overwrite: bool = False, max_bytes: int | None = None,
-                             progress: Progress | None = None) -> Any:
+                             progress: Progress | None = None,
+                             transport: Transport | None = None) -> Any:
     """Receive one state dict from ``source`` (a transport: its next stream;
     or a stream already accepted).
 
@@ -319,23 +452,32 @@ async def receive_state_dict(source: Transport | RecvStream, into: Any = None, *
     "numpy"); a mapping of existing tensors (``model.state_dict()``) is
     filled in place and returned (``strict=False`` accepts a subset); a path
     ending in ``.safetensors`` receives into that file, written at offsets,
-    renamed into place once verified, and returns its :class:`~pathlib.Path`
-    (``overwrite`` to replace an existing file). ``max_bytes`` refuses
-    state dicts whose restored size is larger.
+    read back and checked, renamed into place once verified, and returns its
+    :class:`~pathlib.Path` (``overwrite`` to replace an existing file); a
+    :class:`StateDictSink` decides itself. ``max_bytes`` refuses state dicts
+    whose restored size is larger.
+
+    The sender is told the outcome (landed, or the error and why) before this
+    returns or raises. ``transport`` is where to tell it, needed only for a
+    ``source`` stream of a custom :class:`~llmwire.Transport` implementation
+    (llmwire's own streams know their transport).
     """
     stream = await _accept(source)
+    answer = _answer_on(source, stream, transport)
     sink = _make_sink(into, container, strict, overwrite)
     outcome: dict[str, Any] = {}
-    async for _ in _receive(stream, sink, max_bytes, progress, outcome):
+    async for _ in _receive(stream, sink, max_bytes, progress, answer, outcome):
         pass
     return outcome["result"]
 
 
 async def _receive(stream: RecvStream, sink: StateDictSink, max_bytes: int | None,
-                   progress: Progress | None, outcome: dict[str, Any] | None = None
+                   progress: Progress | None, answer: Transport | None,
+                   outcome: dict[str, Any] | None = None
                    ) -> AsyncIterator[tuple[str, Any]]:
     reader = ChunkReader(stream)
     finished = False
+    key = stream.header.get("id")
     pending: collections.deque[tuple[Any, np.ndarray, np.ndarray | None]] = collections.deque()
     try:
         (length,) = LENGTH_PREFIX.unpack(await reader.read_exact(LENGTH_PREFIX.size))
@@ -345,8 +487,8 @@ async def _receive(stream: RecvStream, sink: StateDictSink, max_bytes: int | Non
         restored = sum(e.spec.numel * DTYPES[e.spec.dtype].itemsize
                        for e in manifest.entries if e.spec is not None)
         if max_bytes is not None and restored > max_bytes:
-            raise PayloadError(f"the state dict restores to {restored} bytes, over "
-                               f"max_bytes={max_bytes}")
+            raise PayloadRefused(f"the state dict restores to {restored} bytes, over "
+                                 f"max_bytes={max_bytes}")
         sink.prepare(manifest)
         # np.empty costs no memory until a buffer is first written
         wire_size, restored_size = _largest_slice(manifest)
@@ -372,18 +514,25 @@ async def _receive(stream: RecvStream, sink: StateDictSink, max_bytes: int | Non
         await reader.expect_end()
         finished = True
         result = sink.commit()
-        if outcome is not None:
-            outcome["result"] = result
-    except OSError as exc:
-        raise PayloadError(f"receiving failed: {exc}") from exc
-    finally:
+    except BaseException as exc:
         if pending:
             await asyncio.gather(*(f for f, _, _ in pending), return_exceptions=True)
         if not finished:
             sink.abort()
-            exc = sys.exc_info()[1]
-            if exc is not None:
-                await _cancel_quietly(stream, exc)
+        # The verdict goes before the cancel: a sender that sees the cancel
+        # finds the reason already queued behind it (QUEUED_REPLY_WAIT).
+        if answer is not None and not isinstance(exc, ConnectionClosed):
+            await reply_quietly(answer, VERDICT_FAILED, id=key, **failure_fields(exc))
+        if not finished:
+            await _cancel_quietly(stream, exc)
+        if isinstance(exc, OSError) and not isinstance(exc, (PayloadError, ConnectionError,
+                                                             TimeoutError)):
+            raise FileWriteError(stream.header.get("name"), exc) from exc
+        raise
+    # Landed: tell the sender (if the connection is gone, what landed stays landed).
+    await reply_quietly(answer, VERDICT_OK, id=key, receipt=sink.receipt())
+    if outcome is not None:
+        outcome["result"] = result
 
 
 async def _receive_slice(reader: ChunkReader, entry: Entry, start: int, stop: int,

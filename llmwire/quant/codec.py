@@ -463,7 +463,10 @@ def quantize_state_dict(state_dict: Mapping[str, Any], fmt: str, *,
     """:func:`quantize` every tensor of a state dict, keeping its order.
 
     Tensors with fewer than ``min_elements`` elements (norm weights, biases)
-    are kept as they are (``raw``); pass 0 to quantize everything. All
+    are kept as they are (``raw``); pass 0 to quantize everything. Float
+    tensors ``fmt`` cannot take (float64: the formats take float32, float16
+    and bfloat16) are kept as they are too, as :func:`~llmwire.send_state_dict`
+    does. All
     tensors' pieces go to the thread pool at once, so small tensors do not
     each pay a thread hand-off. Same arguments and errors as
     :func:`quantize`; with ``nonfinite="raise"`` the error names the first
@@ -473,10 +476,14 @@ def quantize_state_dict(state_dict: Mapping[str, Any], fmt: str, *,
     if not isinstance(min_elements, int) or min_elements < 0:
         raise QuantizationError(f"min_elements must be a non-negative int, got {min_elements!r}")
 
+    get_format(fmt)  # a bad name is an error even if every tensor would be kept
+
     def plan(tensor: Any) -> Any:
-        small = view_tensor(tensor).numel < min_elements
-        return _encode_plan(tensor, "raw" if small else fmt, None if small else block_size,
-                            False if small else nested, PARALLEL_MIN_ELEMENTS)
+        view = view_tensor(tensor)
+        keep = view.numel < min_elements or (DTYPES[view.dtype].is_float
+                                             and view.dtype not in FLOAT_DTYPES)
+        return _encode_plan(tensor, "raw" if keep else fmt, None if keep else block_size,
+                            False if keep else nested, PARALLEL_MIN_ELEMENTS)
 
     plans = {name: plan(t) for name, t in state_dict.items()}
     flat = [(name, task) for name, plan in plans.items() for task in plan[3]]
