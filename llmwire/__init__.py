@@ -36,6 +36,7 @@ from .payloads import (
     iter_state_dict, plan_state_dict, receive_object, receive_state_dict, send_object,
     send_state_dict,
 )
+from .checkpoints import Checkpoint, FileTensor, open_checkpoint
 from .protocol import Settings
 from .transport import (
     Message, RecvStream, SendStream, Server, Transport, connect, connect_unix,
@@ -77,4 +78,6 @@ __all__ = [
     "FileTransferError", "FileWriteError", "SourceChanged", "TargetExists",
     "TransferInterrupted", "TransferRefused", "UnsafeFileName", "CheckpointError",
     "PayloadRefused", "TargetBusy",
+    # checkpoint files, read lazily
+    "Checkpoint", "FileTensor", "open_checkpoint",
 ]

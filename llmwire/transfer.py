@@ -317,7 +317,7 @@ def file_digest(path: str) -> str:
 
 
 def _connect_error(exc: BaseException, host: str, port: int) -> CliError:
-    where = f"{host}:{port}"
+    where = format_address(host, port)
     if isinstance(exc, AuthenticationError):
         return CliError(f"{where} refused the handshake: wrong secret", EXIT_AUTH)
     if isinstance(exc, TimeoutError):
@@ -343,7 +343,11 @@ class _Item:
     checkpoint: Checkpoint | None = None  # opened (its layout checked) before connecting
 
 
-def _plan(paths: list[str], as_file: bool) -> list[_Item]:
+def _plan(paths: list[str], args: argparse.Namespace) -> list[_Item]:
+    """Every path checked before connecting: it exists, a checkpoint's layout
+    is valid, and the formats asked for fit its tensors."""
+    from .payloads.statedict import plan_state_dict
+
     items = []
     try:
         for path in paths:
@@ -353,15 +357,26 @@ def _plan(paths: list[str], as_file: bool) -> list[_Item]:
                 raise CliError(f"{path}: not a regular file", EXIT_ERROR)
             if not os.access(path, os.R_OK):
                 raise CliError(f"{path}: permission denied", EXIT_ERROR)
-            kind = None if as_file else checkpoint_kind(path)
+            kind = None if args.as_file else checkpoint_kind(path)
             if kind is None:
                 items.append(_Item(path, "file"))
-            else:  # a malformed checkpoint is refused here, before connecting
-                items.append(_Item(path, "state_dict", open_checkpoint(path, kind)))
+                continue
+            # a malformed checkpoint, or a format its tensors cannot take, is refused
+            # here, before connecting (planning reads no data)
+            items.append(_Item(path, "state_dict", open_checkpoint(path, kind)))
+            try:
+                plan_state_dict(items[-1].checkpoint, _wire_format(args.quantize),
+                                overrides=dict(args.override))
+            except LlmwireError as exc:
+                raise CliError(f"{path}: {exc}", exit_code_for(exc)) from None
     except BaseException:
         _close_all(items)
         raise
     return items
+
+
+def _wire_format(quantize: str | None) -> str:
+    return "raw" if quantize in (None, "fp32") else quantize
 
 
 def _close_all(items: list[_Item]) -> None:
@@ -384,9 +399,8 @@ async def _send_one_state_dict(transport: Any, item: _Item, args: argparse.Names
     assert item.checkpoint is not None
     name = _landing_name(item.path)
     fmt = args.quantize
-    wire_fmt = "raw" if fmt in (None, "fp32") else fmt
     try:
-        result = await send_state_dict(transport, item.checkpoint, wire_fmt,
+        result = await send_state_dict(transport, item.checkpoint, _wire_format(fmt),
                                        overrides=dict(args.override), nonfinite=args.nonfinite,
                                        header={"name": name}, progress=progress)
     except (ConnectionClosed, TransferInterrupted):
@@ -398,8 +412,8 @@ async def _send_one_state_dict(transport: Any, item: _Item, args: argparse.Names
             "file_bytes": os.path.getsize(item.path), "wire_bytes": result.wire_bytes,
             "seconds": round(result.seconds, 6), "format": fmt or "fp32",
             "entries": result.entries, "digest": receipt.get("digest"),
-            "remote_path": receipt.get("path"), "nonfinite": result.nonfinite,
-            "kept_raw": list(result.kept_raw)}
+            "remote_path": receipt.get("path"), "formats": result.formats,
+            "nonfinite": result.nonfinite, "kept_raw": list(result.kept_raw)}
 
 
 async def _send_one_file(transport: Any, item: _Item, progress: _Progress) -> dict[str, Any]:
@@ -508,7 +522,7 @@ def _run(main: Coroutine[Any, Any, Any]) -> Any:
 def run_send(args: argparse.Namespace) -> int:
     """``llmwire send``."""
     secret = read_secret(args.secret_file, args.secret_on_command_line)
-    items = _plan(args.paths, args.as_file)
+    items = _plan(args.paths, args)
 
     def report(row: dict[str, Any]) -> None:
         if not args.json:

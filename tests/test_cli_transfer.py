@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -14,77 +13,24 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-import xxhash
 
 import llmwire
+from cli_helpers import ROOT, SECRET, TIMEOUT, Receiver, cli, env as _env, digest as _digest
+from cli_helpers import one_error_line as _one_error_line
 from llmwire.transfer import EXIT_AUTH, EXIT_CONNECTION, EXIT_REFUSED, EXIT_USAGE
 
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-ROOT = Path(__file__).resolve().parent.parent
-SECRET = "cli-test-secret"
-TIMEOUT = 60
-
 #: largest error relative to each tensor's largest magnitude
 BOUNDS = {"fp32": 0.0, "fp16": 1e-3, "bf16": 8e-3, "blockwise8": 2e-2, "fp4": 0.25, "nf4": 0.2}
-
-
-def _env(secret: str | None = SECRET) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("LLMWIRE_SECRET", None)
-    if secret is not None:
-        env["LLMWIRE_SECRET"] = secret
-    return env
-
-
-def cli(*args: str, secret: str | None = SECRET, timeout: float = TIMEOUT,
-        cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "llmwire", *args], cwd=cwd, env=_env(secret),
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def _one_error_line(proc: subprocess.CompletedProcess[str], *words: str) -> None:
-    assert proc.stderr.count("\n") == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    for word in words:
-        assert word in proc.stderr, proc.stderr
-
-
-class Receiver:
-    """``llmwire recv --listen 127.0.0.1:0`` in a subprocess; learns its port."""
-
-    def __init__(self, out: Path, *extra: str, secret: str = SECRET) -> None:
-        self.out = out
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llmwire", "recv", "--listen", "127.0.0.1:0", "--out",
-             str(out), "--json", *extra], cwd=ROOT, env=_env(secret),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert self.proc.stderr is not None
-        first = self.proc.stderr.readline()
-        assert "listening on" in first, first + self.proc.stderr.read()
-        self.address = first.split("listening on ")[1].split(",")[0]
-        self.port = int(self.address.rsplit(":", 1)[1])
-
-    def stop(self) -> tuple[int, str, str]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        out, err = self.proc.communicate(timeout=TIMEOUT)
-        return self.proc.returncode, out, err
 
 
 @pytest.fixture
 def receiver(tmp_path: Path) -> Iterator[Receiver]:
     r = Receiver(tmp_path / "out")
     yield r
-    if r.proc.poll() is None:
-        r.proc.kill()
-        r.proc.communicate(timeout=TIMEOUT)
-
-
-def _digest(path: Path) -> str:
-    return xxhash.xxh3_128(path.read_bytes()).hexdigest()
+    r.kill()
 
 
 def _model(path: Path) -> dict[str, Any]:

@@ -47,7 +47,9 @@ from ..errors import (
     UnsafeFileName,
 )
 from ..transport.base import RecvStream, SendStream, Transport
-from .landing import PART_SUFFIX, PartFile, TargetDir, check_free_space, digest_on_disk, pwrite_all
+from .landing import (
+    PART_SUFFIX, PartFile, TargetDir, check_free_space, digest_on_disk, hash_file, pwrite_all,
+)
 from .source import FileIdentity, check_unchanged, pread_exact
 from .verdict import (
     MAX_CONTROL, REPLY_WAIT, failure_fields, raise_failure, receive_control, reply_quietly,
@@ -82,7 +84,6 @@ _MAX_NAME_BYTES = 4096
 _MAX_PART_BYTES = 255
 _MAX_CONTROL = MAX_CONTROL
 _ABORT_WAIT = REPLY_WAIT          # seconds to wait for the peer's file-abort reason
-_HASH_BLOCK = 4 * MiB             # read size when hashing a resumed prefix
 _SIDECAR_VERSION = 1
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _DRIVE = re.compile(r"^[A-Za-z]:")
@@ -185,31 +186,21 @@ def _reason(exc: BaseException) -> str:
 # ------------------------------------------------------------------- sender
 
 
-def _hash_prefix(fd: int, length: int, hasher: Any) -> None:
-    """Feed bytes [0, length) of ``fd`` to ``hasher`` through one bounded buffer.
-
-    Runs in a worker thread and closes ``fd`` (its own dup) when done.
-    """
+def _hash_prefix(fd: int, length: int, hasher: Any, name: str | None) -> None:
+    """Feed bytes [0, length) of ``fd`` to ``hasher``; runs in a worker thread
+    and closes ``fd`` (its own dup) when done."""
     try:
-        buf = bytearray(min(_HASH_BLOCK, max(length, 1)))
-        view = memoryview(buf)
-        pos = 0
-        while pos < length:
-            want = min(len(buf), length - pos)
-            n = pread_exact(fd, view[:want], pos)
-            if n < want:
-                raise SourceChanged(None, f"it ends at byte {pos + n}, before the resumed "
-                                          f"offset {length}")
-            hasher.update(view[:n])
-            pos += n
+        got = hash_file(fd, length, hasher)
     finally:
         os.close(fd)
+    if got < length:
+        raise SourceChanged(name, f"it ends at byte {got}, before the resumed offset {length}")
 
 
-async def _hash_prefix_in_thread(fd: int, length: int, hasher: Any) -> None:
+async def _hash_prefix_in_thread(fd: int, length: int, hasher: Any, name: str | None) -> None:
     if length:
         # The thread owns a dup: cancelling us never leaves it reading a closed fd.
-        await asyncio.to_thread(_hash_prefix, os.dup(fd), length, hasher)
+        await asyncio.to_thread(_hash_prefix, os.dup(fd), length, hasher, name)
 
 
 class _Progress:
@@ -315,10 +306,7 @@ async def send_file(transport: Transport, path: str | os.PathLike[str], *,
         hasher = None
         if offset:
             hasher = xxhash.xxh3_128()
-            try:
-                await _hash_prefix_in_thread(fd, offset, hasher)
-            except SourceChanged as exc:
-                raise SourceChanged(name, exc.args[0].split(": ", 1)[-1]) from None
+            await _hash_prefix_in_thread(fd, offset, hasher, name)
         stream = await transport.open_stream({"kind": "file", "id": fid}, offset=offset)
         done = _Progress()
         try:

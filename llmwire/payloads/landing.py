@@ -33,7 +33,7 @@ import xxhash
 
 from ..errors import FileWriteError, TargetBusy, TargetExists, UnsafeFileName
 
-__all__ = ["TargetDir", "PartFile", "digest_on_disk", "pwrite_all", "free_bytes",
+__all__ = ["TargetDir", "PartFile", "digest_on_disk", "hash_file", "pwrite_all", "free_bytes",
            "check_free_space", "PART_SUFFIX", "READ_BLOCK"]
 
 PART_SUFFIX = ".part"
@@ -68,19 +68,29 @@ def check_free_space(fd: int, needed: int, name: str | None) -> None:
             errno.ENOSPC, f"No space left on device: {needed} bytes needed, {free} free"))
 
 
-def digest_on_disk(fd: int, length: int, buffer: bytearray | None = None) -> str:
-    """xxh3-128 (hex) of bytes ``[0, length)`` of ``fd``, read back with ``pread``
-    through one reused buffer. A file shorter than ``length`` raises ``OSError``."""
-    hasher = xxhash.xxh3_128()
+def hash_file(fd: int, length: int, hasher: Any, buffer: bytearray | None = None) -> int:
+    """Feed bytes ``[0, length)`` of ``fd`` to ``hasher``, read with ``pread``
+    through one reused buffer; return how many there were (fewer than
+    ``length`` only if the file ends first)."""
     buf = buffer if buffer is not None else bytearray(min(READ_BLOCK, max(length, 1)))
     view = memoryview(buf)
     pos = 0
     while pos < length:
         n = os.preadv(fd, [view[:min(len(view), length - pos)]], pos)
         if n <= 0:
-            raise OSError(errno.EIO, f"the file ends at byte {pos}, before {length}")
+            break
         hasher.update(view[:n])
         pos += n
+    return pos
+
+
+def digest_on_disk(fd: int, length: int) -> str:
+    """xxh3-128 (hex) of bytes ``[0, length)`` of ``fd`` as the file holds them;
+    a file shorter than ``length`` raises ``OSError``."""
+    hasher = xxhash.xxh3_128()
+    got = hash_file(fd, length, hasher)
+    if got < length:
+        raise OSError(errno.EIO, f"the file ends at byte {got}, before {length}")
     return hasher.hexdigest()
 
 

@@ -319,49 +319,54 @@ async def _send_entries(stream: Any, manifest: Manifest, views: Mapping[str, Ten
     total, sent, found = manifest.body_nbytes, 0, 0
     work = ((entry, start, stop) for entry in manifest.entries if entry.spec is not None
             for start, stop in entry.slices(manifest.slice_elements))
-    in_flight: collections.deque[tuple[Entry, Any, np.ndarray | None, Any]] = collections.deque()
+    in_flight: collections.deque[tuple[Entry, Any, np.ndarray | None, Any,
+                                       np.ndarray | None]] = collections.deque()
 
     def submit(entry: Entry, start: int, stop: int) -> None:
         spec, view = entry.spec, views[entry.name]
         assert spec is not None
         if spec.format == "raw" and view.flat is not None:
             data = view.flat[start:stop].view(np.uint8)  # the tensor's own memory
-            in_flight.append((entry, None, None, data))
+            in_flight.append((entry, None, None, data, None))
             return
         buffer = pool.take()
         parts, nbytes = _carve(buffer, spec, stop - start)
         values = scratch.take() if view.container == "file" and spec.format != "raw" else None
         future = loop.run_in_executor(executor, _encode_job, spec, view, start, stop, parts,
                                       values)
-        if values is not None:
-            future.add_done_callback(lambda _, values=values: scratch.give(values))
-        in_flight.append((entry, future, buffer, buffer[:nbytes]))
+        in_flight.append((entry, future, buffer, buffer[:nbytes], values))
 
     try:
         for job in work:
             submit(*job)
             if len(in_flight) < PIPELINE_DEPTH:
                 continue
-            sent, found = await _send_oldest(stream, in_flight, pool, nonfinite, found, sent)
+            sent, found = await _send_oldest(stream, in_flight, pool, scratch, nonfinite,
+                                             found, sent)
             if progress is not None:
                 progress(sent, total)
         while in_flight:
-            sent, found = await _send_oldest(stream, in_flight, pool, nonfinite, found, sent)
+            sent, found = await _send_oldest(stream, in_flight, pool, scratch, nonfinite,
+                                             found, sent)
             if progress is not None:
                 progress(sent, total)
     finally:
         # encoders still running write into pool buffers: let them finish
-        pending = [f for _, f, _, _ in in_flight if f is not None]
+        pending = [f for _, f, _, _, _ in in_flight if f is not None]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
     return found
 
 
 async def _send_oldest(stream: Any, in_flight: collections.deque, pool: _BufferPool,
-                       nonfinite: str, found: int, sent: int) -> tuple[int, int]:
-    entry, future, buffer, data = in_flight[0]
+                       scratch: _BufferPool, nonfinite: str, found: int,
+                       sent: int) -> tuple[int, int]:
+    entry, future, buffer, data, values = in_flight[0]
     if future is not None:
         count = await future
+        if values is not None:  # the encoder is done with the values it read
+            scratch.give(values)
+            in_flight[0] = (entry, future, buffer, data, None)
         if count and nonfinite == "raise":
             raise NonFiniteError(count, entry.name)
         found += count
