@@ -22,7 +22,7 @@ from typing import Iterator
 import pytest
 
 from cli_helpers import ROOT, TIMEOUT, Receiver, cli, digest, env, one_error_line
-from llmwire.transfer import (
+from llmwire.cli import (
     EXIT_CONNECTION, EXIT_ERROR, EXIT_INTEGRITY, EXIT_REFUSED, EXIT_TERMINATED, EXIT_USAGE,
 )
 

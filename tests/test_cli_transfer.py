@@ -17,7 +17,7 @@ import pytest
 import llmwire
 from cli_helpers import ROOT, SECRET, TIMEOUT, Receiver, cli, env as _env, digest as _digest
 from cli_helpers import one_error_line as _one_error_line
-from llmwire.transfer import EXIT_AUTH, EXIT_CONNECTION, EXIT_REFUSED, EXIT_USAGE
+from llmwire.cli import EXIT_AUTH, EXIT_CONNECTION, EXIT_REFUSED, EXIT_USAGE
 
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")

@@ -1,4 +1,4 @@
-"""The memory profiler (``llmwire profile``, tools/memprofile.py): real sender
+"""The memory profiler (``llmwire profile``): real sender
 and receiver processes over loopback, sampled from /proc."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from llmwire.bench._models import ModelSource
+from llmwire.cli.bench._models import ModelSource
 from llmwire.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, main
-from llmwire.profile import _aggregate, parse_model_size, profile
+from llmwire.cli.profile import _aggregate, parse_model_size, profile
 
 torch = pytest.importorskip("torch")
 
@@ -252,7 +252,7 @@ def test_checkpoint_models_are_built_faithfully(tmp_path: pathlib.Path) -> None:
 
 
 def test_max_err_compares_in_chunks() -> None:
-    from llmwire.bench._peers import _max_err
+    from llmwire.cli.bench._peers import _max_err
 
     g = torch.Generator().manual_seed(5)
     want = {"a": torch.randn(1000, 7, generator=g), "b": torch.zeros(0)}
@@ -267,7 +267,7 @@ def test_max_err_compares_in_chunks() -> None:
 
 def test_a_model_too_big_for_the_machine_is_warned_about(
         capsys: pytest.CaptureFixture[str]) -> None:
-    from llmwire.profile import _warn_if_too_big
+    from llmwire.cli.profile import _warn_if_too_big
 
     _warn_if_too_big(ModelSource("llama", 10**6), ["container"])
     assert capsys.readouterr().err == ""
@@ -275,8 +275,8 @@ def test_a_model_too_big_for_the_machine_is_warned_about(
     assert "warning" in capsys.readouterr().err
 
 
-def test_tools_wrapper_help() -> None:
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "memprofile.py"), "--help"],
+def test_profile_help_lists_its_options() -> None:
+    out = subprocess.run([sys.executable, "-m", "llmwire", "profile", "--help"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60, check=True).stdout
     for flag in ("--plot", "--csv", "--sizes", "--repeat", "--model", "--sweep-plot", "--dir"):
         assert flag in out

@@ -23,7 +23,7 @@ from llmwire.payloads import statedict
 from llmwire.protocol import StreamEvent
 from llmwire.payloads.manifest import LENGTH_PREFIX, MAX_MANIFEST_BYTES, Manifest
 from llmwire.quant.formats import FORMATS
-from llmwire.synthetic import llama_state_dict
+from llmwire.cli.synthetic import llama_state_dict
 
 
 def model_dict(params: int = 300_000, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import llmwire  # noqa: E402
-from llmwire.bench._timing import format_table, median_seconds  # noqa: E402
-from llmwire.synthetic import llama_state_dict, parse_size  # noqa: E402
+from llmwire.cli.bench._timing import format_table, median_seconds  # noqa: E402
+from llmwire.cli.synthetic import llama_state_dict, parse_size  # noqa: E402
 
 
 def main() -> int:

@@ -5,7 +5,7 @@ sys.path.insert(0, '.')
 SECRET=b"p"
 def receiver(conn, params, prof):
     import asyncio, torch, llmwire
-    from llmwire.synthetic import llama_state_dict
+    from llmwire.cli.synthetic import llama_state_dict
     target = {k: torch.zeros_like(v) for k, v in llama_state_dict(params, seed=1).items()}
     async def main():
         done = asyncio.get_running_loop().create_future()
@@ -20,7 +20,7 @@ def receiver(conn, params, prof):
     llmwire.run(main())
 def sender(conn, port, params, prof):
     import llmwire
-    from llmwire.synthetic import llama_state_dict
+    from llmwire.cli.synthetic import llama_state_dict
     sd = llama_state_dict(params, seed=1)
     async def main():
         t = await llmwire.connect("127.0.0.1", port, secret=SECRET)

@@ -8,9 +8,9 @@ import statistics
 import sys
 
 sys.path.insert(0, ".")
-from llmwire.bench.stream import _one_transfer  # noqa: E402
-from llmwire.bench.wire import _one_run, _raw_receiver, _raw_sender  # noqa: E402
-from llmwire.synthetic import parse_size  # noqa: E402
+from llmwire.cli.bench.stream import _one_transfer  # noqa: E402
+from llmwire.cli.bench.wire import _one_run, _raw_receiver, _raw_sender  # noqa: E402
+from llmwire.cli.synthetic import parse_size  # noqa: E402
 
 if __name__ == "__main__":
     runs = int(sys.argv[1]) if len(sys.argv) > 1 else 6

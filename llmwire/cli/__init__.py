@@ -1,4 +1,7 @@
-"""The ``llmwire`` command line: a thin layer over the public API.
+"""The ``llmwire`` command line: the applications of the library, thin over
+its public API, one module per command (``send``, ``recv``, ``demo``,
+``profile``; ``bench/`` holds one per benchmark; ``common`` what the
+transfer commands share).
 
 ``main(argv=None) -> int`` never lets a traceback reach the user for an
 expected failure: every :class:`~llmwire.LlmwireError` (and bad input such as
@@ -16,21 +19,17 @@ import time
 from types import ModuleType
 from typing import Sequence
 
-from . import __version__
-from .errors import LlmwireError
+from .. import __version__
+from ..errors import LlmwireError
+from .common import (
+    EXIT_AUTH, EXIT_CONNECTION, EXIT_ERROR, EXIT_INTEGRITY, EXIT_INTERRUPTED, EXIT_OK,
+    EXIT_REFUSED, EXIT_TERMINATED, EXIT_USAGE, Terminated, exit_code_for,
+)
 
-__all__ = ["main", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_INTERRUPTED",
-           "EXIT_TERMINATED"]
+__all__ = ["main", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_CONNECTION", "EXIT_AUTH",
+           "EXIT_REFUSED", "EXIT_INTEGRITY", "EXIT_INTERRUPTED", "EXIT_TERMINATED"]
 
-EXIT_OK = 0
-EXIT_ERROR = 1  # an LlmwireError or an OS error: the message says which
-EXIT_USAGE = 2  # bad command line (argparse's own convention)
-EXIT_INTERRUPTED = 130  # Ctrl-C
-EXIT_TERMINATED = 143  # SIGTERM
-# 3 connection, 4 wrong secret, 5 refused by the receiver, 6 integrity: see
-# llmwire/transfer.py and docs/cli.md
-
-_BENCHES = ("quant", "wire", "stream")
+_BENCHES = ("quant", "wire", "stream", "file")
 
 _EPILOG = """\
 examples:
@@ -64,8 +63,8 @@ def _bench_modules() -> dict[str, ModuleType]:
 
 
 def _info_text() -> str:
-    from .quant import IMPLEMENTATION
-    from .quant.formats import FORMATS
+    from ..quant import IMPLEMENTATION
+    from ..quant.formats import FORMATS
 
     lines = [f"llmwire {__version__}", f"kernels: {IMPLEMENTATION}"
              + (" (LLMWIRE_PURE_PYTHON forces the NumPy reference)"
@@ -95,18 +94,18 @@ def _build_parser() -> argparse.ArgumentParser:
                                            "(C extension or NumPy reference) and the formats.")
     info.add_argument("--json", action="store_true", help="print one JSON object")
 
-    from . import transfer
-    send = commands.add_parser(
+    from . import recv, send
+    send_parser = commands.add_parser(
         "send", allow_abbrev=False, help="send files and state dicts to a receiver",
         description="Send files and state dicts to `llmwire recv`, over one authenticated "
                     "connection, in order.",
-        epilog=transfer.SEND_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    transfer.add_send_arguments(send)
-    recv = commands.add_parser(
+        epilog=send.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    send.add_arguments(send_parser)
+    recv_parser = commands.add_parser(
         "recv", allow_abbrev=False, help="receive files and state dicts into a directory",
         description="Listen for authenticated senders and land what they send in a directory.",
-        epilog=transfer.RECV_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    transfer.add_recv_arguments(recv)
+        epilog=recv.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    recv.add_arguments(recv_parser)
 
     from . import demo
     demo_parser = commands.add_parser(
@@ -121,7 +120,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description=profile.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     profile.add_arguments(profile_parser)
 
-    bench = commands.add_parser("bench", help="benchmarks (quant, wire, stream)",
+    bench = commands.add_parser("bench", help="benchmarks (quant, wire, stream, file)",
                                 description="Benchmarks; each prints medians of repeated runs "
                                             "and ratios against a baseline measured in the "
                                             "same run.")
@@ -135,7 +134,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _implementation() -> str:
-    from .quant import IMPLEMENTATION
+    from ..quant import IMPLEMENTATION
     return IMPLEMENTATION
 
 
@@ -145,16 +144,16 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return EXIT_USAGE
     if args.command == "info":
         if args.json:
-            from .quant import IMPLEMENTATION
-            from .quant.formats import FORMATS
+            from ..quant import IMPLEMENTATION
+            from ..quant.formats import FORMATS
             print(json.dumps({"version": __version__, "implementation": IMPLEMENTATION,
                               "formats": [f for f in FORMATS if f != "raw"]}))
         else:
             print(_info_text())
         return EXIT_OK
     if args.command in ("send", "recv"):
-        from . import transfer
-        return transfer.run_send(args) if args.command == "send" else transfer.run_recv(args)
+        from . import recv, send
+        return (send if args.command == "send" else recv).run(args)
     if args.command == "demo":
         from . import demo
         return demo.run(args)
@@ -168,8 +167,6 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``llmwire`` console script."""
-    from .transfer import Terminated
-
     parser = _build_parser()
     args = parser.parse_args(argv)
     started = time.monotonic()
@@ -183,7 +180,6 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_TERMINATED
     except (LlmwireError, OSError) as exc:
-        from .transfer import exit_code_for
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"llmwire: error: {message}", file=sys.stderr)
         return exit_code_for(exc)

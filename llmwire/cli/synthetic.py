@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import LlmwireError
-from .tensors import torch_module
+from ..errors import LlmwireError
+from ..tensors import torch_module
 
 __all__ = ["DISTRIBUTIONS", "llama_shapes", "llama_state_dict", "make_state_dict", "parse_size",
            "single_tensor_state_dict"]

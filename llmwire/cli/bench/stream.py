@@ -98,7 +98,7 @@ def _receiver(conn: Any, params: int, into: str, seed: int, model: str, check: b
     import torch
 
     import llmwire
-    from llmwire.synthetic import make_state_dict
+    from llmwire.cli.synthetic import make_state_dict
 
     target = None
     if into == "inplace":
@@ -141,7 +141,7 @@ def _receiver(conn: Any, params: int, into: str, seed: int, model: str, check: b
 def _sender(conn: Any, port: int, params: int, fmt: str, seed: int, model: str,
             nested: bool = False) -> None:
     import llmwire
-    from llmwire.synthetic import make_state_dict
+    from llmwire.cli.synthetic import make_state_dict
 
     state = make_state_dict(model, params, seed=seed)
     conn.send(("ready", None))
@@ -235,7 +235,7 @@ def measure(params: int, formats: list[str], into: str, runs: int, model: str = 
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..quant.formats import get_format
+    from ...quant.formats import get_format
 
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     for fmt in formats:

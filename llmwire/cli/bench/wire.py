@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python3 -m llmwire.bench.wire",
+    _parser = argparse.ArgumentParser(prog="python3 -m llmwire.cli.bench.wire",
                                       description=__doc__.splitlines()[0])
     add_arguments(_parser)
     raise SystemExit(run(_parser.parse_args()))

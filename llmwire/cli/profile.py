@@ -55,10 +55,10 @@ from .bench._models import MIN_PARAMS, SYNTHETIC, ModelSource
 from .bench._procs import ChildFailed, ChildSilent, expect, reap
 from .bench._rss import RssSampler, Timeline
 from .bench._timing import format_table
-from .errors import LlmwireError
+from ..errors import LlmwireError
 from .synthetic import parse_size
 
-__all__ = ["MODES", "RECEIVERS", "add_arguments", "profile", "run", "main",
+__all__ = ["MODES", "RECEIVERS", "add_arguments", "profile", "run",
            "parse_model_size", "write_csv"]
 
 MIB = 1 << 20
@@ -228,7 +228,7 @@ def profile(model: ModelSource | int, modes: list[str], formats: list[str],
             repeat: int = 1, workdir: str | None = None) -> dict[str, Any]:
     """Run each (mode, format) ``repeat`` times, interleaved.
 
-    ``model`` is a :class:`~llmwire.bench._models.ModelSource` or a number
+    ``model`` is a :class:`~llmwire.cli.bench._models.ModelSource` or a number
     of parameters of a synthetic Llama; ``workdir`` holds each run's files
     (file mode's checkpoint and received copy; default: the system's temp
     directory). Returns ``{"model", "params", "model_bytes", "interval",
@@ -307,7 +307,7 @@ def _usage(message: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .quant.formats import parse_format_list
+    from ..quant.formats import parse_format_list
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or any(m not in MODES for m in modes):
@@ -439,14 +439,3 @@ def _write_outputs(args: argparse.Namespace, results: list[dict[str, Any]]) -> N
                       for r in results],
                      f"llmwire profile: peak memory over baseline against model size "
                      f"({args.model})", args.sweep_plot)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="memprofile", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    try:
-        return run(parser.parse_args(argv))
-    except (LlmwireError, OSError) as exc:
-        print(f"memprofile: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 1

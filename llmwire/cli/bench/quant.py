@@ -9,10 +9,10 @@ import sys
 from typing import Any
 
 
-from .. import quant
-from ..quant.formats import parse_format_list
+from ... import quant
+from ...quant.formats import parse_format_list
 from ..synthetic import DISTRIBUTIONS, llama_state_dict, parse_size
-from ..tensors import torch_module
+from ...tensors import torch_module
 from ._timing import format_table, median_seconds
 
 ALL_FORMATS = ("fp16", "bf16", "blockwise8", "fp4", "nf4")

@@ -54,7 +54,7 @@ class ChildFailed(RuntimeError):
 def guard(conn: Any, body: Callable[[], None]) -> None:
     """Run ``body``; on any failure tell the parent and exit with status 1
     (the parent prints the one-line reason; no traceback on stderr)."""
-    from ..errors import ConnectionClosed, StreamCancelled, TransferInterrupted
+    from ...errors import ConnectionClosed, StreamCancelled, TransferInterrupted
 
     try:
         body()

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import LlmwireError, PayloadError
+from ...errors import LlmwireError, PayloadError
 
 __all__ = ["ModelSource", "SYNTHETIC", "MIN_PARAMS"]
 
@@ -46,8 +46,8 @@ class ModelSource:
         """
         if model in SYNTHETIC:
             return cls(model, params)
-        from ..checkpoints import checkpoint_kind, open_checkpoint
-        from ..tensors import DTYPES
+        from ...checkpoints import checkpoint_kind, open_checkpoint
+        from ...tensors import DTYPES
 
         if not os.path.isfile(model):
             raise LlmwireError(f"--model takes llama, single or a checkpoint file; "
@@ -77,7 +77,7 @@ class ModelSource:
         if self.kind != "path":
             from ..synthetic import make_state_dict
             return make_state_dict(self.kind, self.params, seed=self.seed)
-        from ..checkpoints import open_checkpoint
+        from ...checkpoints import open_checkpoint
 
         assert self.path is not None
         with open_checkpoint(self.path) as checkpoint:

@@ -15,9 +15,9 @@ import argparse
 import json
 import multiprocessing as mp
 
-from . import quant
+from .. import quant
 from .bench._timing import format_table
-from .quant.formats import parse_format_list
+from ..quant.formats import parse_format_list
 from .synthetic import parse_size
 
 DESCRIPTION = ("Send a built-in synthetic Llama-shaped state dict from a sender process to a "
