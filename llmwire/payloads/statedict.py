@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import fnmatch
 import os
 import time
@@ -28,7 +29,7 @@ import numpy as np
 
 from ..errors import (
     ConnectionClosed, FileWriteError, LlmwireError, LocalProtocolError, ManifestError,
-    NonFiniteError, PayloadError, PayloadRefused, QuantizationError, StreamCancelled,
+    PayloadError, PayloadRefused, QuantizationError, StreamCancelled,
 )
 from ..quant import codec
 from ..quant.codec import FLOAT_DTYPES, MIN_ELEMENTS, TensorSpec, make_spec
@@ -38,6 +39,7 @@ from ..transport.base import RecvStream, Transport
 from .manifest import LENGTH_PREFIX, MAX_MANIFEST_BYTES, MAX_SLICE_ELEMENTS, Entry, Manifest
 from .reader import ChunkReader
 from .sinks import InPlaceSink, MemorySink, SafetensorsSink, StateDictSink
+from .slices import PIPELINE_DEPTH, BufferPool, SliceEncoder, carve, largest_slice
 from .verdict import (
     FAILED_REPLY, QUEUED_REPLY_WAIT, failure_fields, raise_failure, receive_control,
     refuse_stream, reply_quietly,
@@ -51,8 +53,6 @@ STREAM_KIND = "state_dict"
 VERDICT_OK, VERDICT_FAILED = "state_dict-ok", FAILED_REPLY[STREAM_KIND]
 #: Source bytes per slice (before alignment): the unit of encoding and memory.
 DEFAULT_SLICE_BYTES = 4 * 1024 * 1024
-#: Slices encoded ahead of (or restored behind) the one on the wire.
-PIPELINE_DEPTH = 3
 
 Progress = Callable[[int, int], None]
 
@@ -142,47 +142,6 @@ def plan_state_dict(state_dict: Mapping[str, Any], fmt: str = "raw", *,
     return manifest, views
 
 
-class _BufferPool:
-    """A few reused byte buffers, each big enough for one slice."""
-
-    def __init__(self, size: int, count: int) -> None:
-        self.size = size
-        self.free = [np.empty(size, dtype=np.uint8) for _ in range(count)] if size else []
-
-    def take(self) -> np.ndarray:
-        return self.free.pop()
-
-    def give(self, buffer: np.ndarray) -> None:
-        self.free.append(buffer)
-
-
-def _carve(buffer: np.ndarray, spec: TensorSpec, count: int) -> tuple[list[np.ndarray], int]:
-    """Part arrays laid end to end in ``buffer`` (the wire layout of a slice)."""
-    parts, offset = [], 0
-    for _, dtype, length in spec.part_layout(count):
-        nbytes = length * dtype.itemsize
-        parts.append(buffer[offset:offset + nbytes].view(dtype))
-        offset += nbytes
-    return parts, offset
-
-
-def _slice_wire_bytes(spec: TensorSpec, count: int) -> int:
-    return sum(length * dtype.itemsize for _, dtype, length in spec.part_layout(count))
-
-
-def _largest_slice(manifest: Manifest) -> tuple[int, int]:
-    """The most wire bytes and the most restored bytes any one slice has."""
-    wire = restored = 0
-    for entry in manifest.entries:
-        if entry.spec is None:
-            continue
-        for start, stop in entry.slices(manifest.slice_elements):
-            wire = max(wire, _slice_wire_bytes(entry.spec, stop - start))
-            restored = max(restored, (stop - start) * DTYPES[entry.spec.dtype].itemsize)
-            break  # the first slice is the largest
-    return wire, restored
-
-
 async def send_state_dict(transport: Transport, state_dict: Mapping[str, Any],
                           fmt: str = "raw", *, overrides: Mapping[str, str] | None = None,
                           min_elements: int = MIN_ELEMENTS, block_size: int | None = None,
@@ -228,7 +187,7 @@ async def send_state_dict(transport: Transport, state_dict: Mapping[str, Any],
     try:
         prefix = manifest.to_bytes()
         await stream.send(prefix)
-        found = await _send_entries(stream, manifest, views, nonfinite, progress)
+        found = await _send_body(stream, manifest, views, nonfinite, progress)
         _check_sources(views)  # before the end makes the stream complete
         await stream.end()
     except StreamCancelled as exc:
@@ -299,82 +258,19 @@ async def _cancel_quietly(stream: Any, exc: BaseException) -> None:
         pass
 
 
-def _encode_job(spec: TensorSpec, view: TensorView, start: int, stop: int,
-                parts: list[np.ndarray], scratch: np.ndarray | None) -> int:
-    if spec.format == "raw" and view.container == "file":
-        view.slice(start, stop, parts[0])  # read from the file straight into the wire buffer
-        return 0
-    return codec.encode_slice_into(spec, view.slice(start, stop, scratch), parts)
-
-
-async def _send_entries(stream: Any, manifest: Manifest, views: Mapping[str, TensorView],
-                        nonfinite: str, progress: Progress | None) -> int:
-    loop = asyncio.get_running_loop()
-    executor = codec._executor()
-    wire_size, restored_size = _largest_slice(manifest)
-    pool = _BufferPool(wire_size, PIPELINE_DEPTH)
-    # values read from a file land here before they are quantized
-    scratch = _BufferPool(restored_size if any(v.container == "file" for v in views.values())
-                          else 0, PIPELINE_DEPTH)
-    total, sent, found = manifest.body_nbytes, 0, 0
-    work = ((entry, start, stop) for entry in manifest.entries if entry.spec is not None
-            for start, stop in entry.slices(manifest.slice_elements))
-    in_flight: collections.deque[tuple[Entry, Any, np.ndarray | None, Any,
-                                       np.ndarray | None]] = collections.deque()
-
-    def submit(entry: Entry, start: int, stop: int) -> None:
-        spec, view = entry.spec, views[entry.name]
-        assert spec is not None
-        if spec.format == "raw" and view.flat is not None:
-            data = view.flat[start:stop].view(np.uint8)  # the tensor's own memory
-            in_flight.append((entry, None, None, data, None))
-            return
-        buffer = pool.take()
-        parts, nbytes = _carve(buffer, spec, stop - start)
-        values = scratch.take() if view.container == "file" and spec.format != "raw" else None
-        future = loop.run_in_executor(executor, _encode_job, spec, view, start, stop, parts,
-                                      values)
-        in_flight.append((entry, future, buffer, buffer[:nbytes], values))
-
-    try:
-        for job in work:
-            submit(*job)
-            if len(in_flight) < PIPELINE_DEPTH:
-                continue
-            sent, found = await _send_oldest(stream, in_flight, pool, scratch, nonfinite,
-                                             found, sent)
+async def _send_body(stream: Any, manifest: Manifest, views: Mapping[str, TensorView],
+                     nonfinite: str, progress: Progress | None) -> int:
+    """Send the manifest's slices on ``stream``; return the non-finite count."""
+    encoder = SliceEncoder(manifest, views, nonfinite)
+    total, sent = manifest.body_nbytes, 0
+    async with contextlib.aclosing(encoder.slices()) as slices:
+        async for item in slices:
+            await stream.send(item.data)
+            encoder.release(item)
+            sent += len(item.data)
             if progress is not None:
                 progress(sent, total)
-        while in_flight:
-            sent, found = await _send_oldest(stream, in_flight, pool, scratch, nonfinite,
-                                             found, sent)
-            if progress is not None:
-                progress(sent, total)
-    finally:
-        # encoders still running write into pool buffers: let them finish
-        pending = [f for _, f, _, _, _ in in_flight if f is not None]
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
-    return found
-
-
-async def _send_oldest(stream: Any, in_flight: collections.deque, pool: _BufferPool,
-                       scratch: _BufferPool, nonfinite: str, found: int,
-                       sent: int) -> tuple[int, int]:
-    entry, future, buffer, data, values = in_flight[0]
-    if future is not None:
-        count = await future
-        if values is not None:  # the encoder is done with the values it read
-            scratch.give(values)
-            in_flight[0] = (entry, future, buffer, data, None)
-        if count and nonfinite == "raise":
-            raise NonFiniteError(count, entry.name)
-        found += count
-    await stream.send(data)
-    in_flight.popleft()
-    if buffer is not None:
-        pool.give(buffer)
-    return sent + len(data), found
+    return encoder.found
 
 
 def _make_sink(into: Any, container: str, strict: bool, overwrite: bool) -> StateDictSink:
@@ -496,8 +392,8 @@ async def _receive(stream: RecvStream, sink: StateDictSink, max_bytes: int | Non
                                  f"max_bytes={max_bytes}")
         sink.prepare(manifest)
         # np.empty costs no memory until a buffer is first written
-        wire_size, restored_size = _largest_slice(manifest)
-        staging = _BufferPool(wire_size, PIPELINE_DEPTH)
+        wire_size, restored_size = largest_slice(manifest)
+        staging = BufferPool(wire_size, PIPELINE_DEPTH)
         outputs = [np.empty(restored_size, np.uint8) for _ in range(PIPELINE_DEPTH)]
         done, total = 0, manifest.body_nbytes
         entries = {e.name: e for e in manifest.entries}
@@ -541,7 +437,7 @@ async def _receive(stream: RecvStream, sink: StateDictSink, max_bytes: int | Non
 
 
 async def _receive_slice(reader: ChunkReader, entry: Entry, start: int, stop: int,
-                         target: np.ndarray | None, sink: StateDictSink, staging: _BufferPool,
+                         target: np.ndarray | None, sink: StateDictSink, staging: BufferPool,
                          outputs: list[np.ndarray], pending: collections.deque) -> int:
     spec = entry.spec
     assert spec is not None
@@ -553,7 +449,7 @@ async def _receive_slice(reader: ChunkReader, entry: Entry, start: int, stop: in
         await _finish_oldest(pending, staging, outputs)
     buffer = staging.take()
     output = outputs.pop() if target is None else None
-    parts, nbytes = _carve(buffer, spec, count)
+    parts, nbytes = carve(buffer, spec, count)
     await reader.readinto(buffer[:nbytes])
     loop = asyncio.get_running_loop()
     future = loop.run_in_executor(codec._executor(), _restore_job, spec, parts, target,
@@ -578,7 +474,7 @@ def _restore_job(spec: TensorSpec, parts: list[np.ndarray], target: np.ndarray |
     sink.write(entry, start, values)
 
 
-async def _finish_oldest(pending: collections.deque, staging: _BufferPool,
+async def _finish_oldest(pending: collections.deque, staging: BufferPool,
                          outputs: list[np.ndarray]) -> None:
     future, buffer, output = pending[0]
     try:
