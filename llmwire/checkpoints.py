@@ -167,6 +167,7 @@ class FileTensor:
         """Read the tensor into memory: a torch tensor (``container="torch"``)
         or a NumPy array (bfloat16 as uint16 bit patterns)."""
         array = self._read_array()
+        self.file.check_unchanged()  # one version of the file, not a torn mix
         if not array.flags.c_contiguous:
             array = array.copy(order="C")  # (np.ascontiguousarray makes scalars 1-d)
         if container == "numpy":
@@ -307,6 +308,7 @@ class Checkpoint(Mapping[str, Any]):
                                 for i in range(len(tensor.shape)))
             out[name] = torch.empty(0, dtype=getattr(torch, tensor.dtype)).set_(
                 storage, (tensor.offset - tensor.storage[0]) // itemsize, tensor.shape, strides)
+        self.check_unchanged()  # what was read is one version of the file, not a torn mix
         return out
 
     def check_unchanged(self) -> None:
@@ -525,9 +527,8 @@ def _open_torch(path: str) -> Checkpoint:
         raise CheckpointError(path, "a torch checkpoint, and torch is not installed")
     file = _File(path)
     try:
-        with open(path, "rb") as f:
-            zipped = f.read(4).startswith(b"PK\x03\x04")
-        obj = _torch_load(torch, path, "meta" if zipped else "cpu")
+        zipped = os.pread(file.fd, 4, 0).startswith(b"PK\x03\x04")
+        obj = _torch_load(torch, file, "meta" if zipped else "cpu")
         state = _state_dict_in(torch, obj, path)
         if zipped:
             _check_stored(path)
@@ -551,15 +552,19 @@ def _open_torch(path: str) -> Checkpoint:
     return Checkpoint(path, "torch", tensors, {}, files)
 
 
-def _torch_load(torch: Any, path: str, where: str) -> Any:
-    try:
-        return torch.load(path, map_location=where, weights_only=True)
-    except OSError:
-        raise
-    except Exception as exc:
-        text = str(exc).strip().splitlines()
-        raise CheckpointError(path, "not a loadable torch checkpoint: "
-                              + (text[0] if text else type(exc).__name__)) from None
+def _torch_load(torch: Any, file: _File, where: str) -> Any:
+    """``torch.load`` of the very file we hold open (a path could by now name
+    another), quietly: torch's warnings would add lines to one-line errors."""
+    import warnings
+
+    with os.fdopen(os.dup(file.fd), "rb") as f, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return torch.load(f, map_location=where, weights_only=True)
+        except Exception as exc:
+            text = str(exc).strip().splitlines()
+            raise CheckpointError(file.path, "not a loadable torch checkpoint: "
+                                  + (text[0] if text else type(exc).__name__)) from None
 
 
 def _state_dict_in(torch: Any, obj: Any, path: str) -> dict[str, Any]:
@@ -574,6 +579,13 @@ def _state_dict_in(torch: Any, obj: Any, path: str) -> dict[str, Any]:
                                             for k, v in obj.items()):
         raise CheckpointError(path, "does not hold a state dict (a mapping of names to "
                                     "tensors)")
+    for name, tensor in obj.items():
+        if tensor.layout != torch.strided:
+            raise CheckpointError(path, f"a {tensor.layout} tensor; llmwire sends dense "
+                                        "(strided) tensors", name)
+        if name == "__metadata__":
+            raise CheckpointError(path, "a tensor named '__metadata__' cannot travel "
+                                        "(safetensors reserves the name)", name)
     return obj
 
 

@@ -137,10 +137,11 @@ def test_a_file_truncated_during_the_send_is_source_changed_not_sigbus(
 
 
 class _Flipper:
-    """A TCP relay that flips one byte of what the sender sends, past ``at``."""
+    """A TCP relay that flips one byte past ``at`` of what the sender sends
+    (``upstream``) or of what the receiver answers."""
 
-    def __init__(self, target_port: int, at: int) -> None:
-        self.target_port, self.at = target_port, at
+    def __init__(self, target_port: int, at: int, upstream: bool = True) -> None:
+        self.target_port, self.at, self.upstream = target_port, at, upstream
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -170,8 +171,8 @@ class _Flipper:
                     await dst.drain()
             dst.close()
 
-        await asyncio.gather(pump(reader, up_w, True), pump(up_r, writer, False),
-                             return_exceptions=True)
+        await asyncio.gather(pump(reader, up_w, self.upstream),
+                             pump(up_r, writer, not self.upstream), return_exceptions=True)
 
     def close(self) -> None:
         def stop() -> None:
@@ -182,9 +183,11 @@ class _Flipper:
 
 
 @pytest.mark.parametrize("what", ["file", "state_dict"])
-def test_a_byte_flipped_in_transit_is_integrity_not_connection(tmp_path: Path,
-                                                              receiver: Receiver,
-                                                              what: str) -> None:
+def test_a_payload_byte_flipped_in_transit_is_integrity_not_connection(tmp_path: Path,
+                                                                      receiver: Receiver,
+                                                                      what: str) -> None:
+    """A flipped payload byte is caught by its frame's checksum (a flipped
+    frame *header* byte is a protocol error, exit 3: docs/cli.md)."""
     if what == "file":
         src = make_blob(tmp_path / "blob.bin", 8 * MiB, seed=4)
     else:
@@ -318,7 +321,7 @@ def test_nonfinite_values_are_reported_or_refused(tmp_path: Path, receiver: Rece
     proc = cli("send", str(src), "--to", receiver.address, "--quantize", "nf4",
                "--nonfinite", "raise")
     assert proc.returncode == EXIT_ERROR, proc.stderr
-    one_error_line(proc, "non-finite", "'w'")
+    one_error_line(proc, "NaN/inf", "'w'", "--nonfinite saturate")
     assert list(receiver.out.iterdir()) == []
 
 
@@ -335,8 +338,10 @@ def test_mixed_dtypes_and_per_name_overrides(tmp_path: Path, receiver: Receiver)
     got = safetensors_torch.load_file(receiver.out / "mixed.safetensors")
     assert torch.equal(got["w64"], state["w64"])                      # sent as it is
     assert torch.equal(got["head.weight"], state["head.weight"].bfloat16().float())
+    (receiver.out / "mixed.safetensors").unlink()
     proc = cli("send", str(src), "--to", receiver.address, "--quantize", "nf4")
-    assert "1 float64 tensor(s) sent as they are" in proc.stdout or proc.returncode == 5
+    assert proc.returncode == 0, proc.stderr
+    assert "1 float64 tensor(s) sent as they are" in proc.stdout
     # asking by name for a format the tensor cannot take is an error, before connecting
     proc = cli("send", str(src), "--to", "127.0.0.1:9", "--override", "w64=fp16")
     assert proc.returncode == EXIT_ERROR, proc.stderr
@@ -395,3 +400,158 @@ def test_sigterm_stops_recv_like_ctrl_c_and_the_send_resumes(tmp_path: Path) -> 
         assert digest(again.out / "big.bin") == digest(src)
     finally:
         again.stop()
+
+
+def test_corruption_the_sender_itself_catches_is_integrity_too(tmp_path: Path,
+                                                               receiver: Receiver) -> None:
+    """A byte of the receiver's answers flipped: the sender's own checksum catches it."""
+    src = make_blob(tmp_path / "blob.bin", 2 * MiB, seed=12)
+    relay = _Flipper(receiver.port, at=300, upstream=False)  # past the handshake
+    try:
+        proc = cli("send", str(src), "--to", f"127.0.0.1:{relay.port}")
+    finally:
+        relay.close()
+    assert proc.returncode == EXIT_INTEGRITY, proc.stderr
+    one_error_line(proc, "checksum")
+
+
+# ------------------------------------------------------------ found by review
+
+
+@pytest.mark.parametrize("kind", ["file", "state_dict"])
+def test_a_hard_linked_part_is_never_written_through(tmp_path: Path, receiver: Receiver,
+                                                     kind: str) -> None:
+    """A .part that another name leads to (planted, or left by a receiver killed
+    between link and unlink) is replaced, not written through."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"VICTIM")
+    if kind == "file":
+        src = make_blob(tmp_path / "x.bin", MiB, seed=13)
+        part, final = receiver.out / "x.bin.part", receiver.out / "x.bin"
+    else:
+        src = tmp_path / "m.safetensors"
+        safetensors_torch.save_file({"w": torch.ones(1000)}, str(src))
+        part, final = receiver.out / "m.safetensors.part", receiver.out / "m.safetensors"
+    os.link(victim, part)
+    proc = cli("send", str(src), "--to", receiver.address)
+    assert proc.returncode == 0, proc.stderr
+    assert victim.read_bytes() == b"VICTIM" and victim.stat().st_nlink == 1
+    assert final.stat().st_ino != victim.stat().st_ino and not part.exists()
+
+
+def test_bytes_appended_to_a_part_fail_the_transfer(tmp_path: Path, receiver: Receiver) -> None:
+    src = make_blob(tmp_path / "app.bin", 20 * MiB, seed=14)
+    slow = send_in_background(str(src), "--to", receiver.address, "--limit-rate", "16M")
+    part = receiver.out / "app.bin.part"
+    wait_until(lambda: part_size(part) > 0, "the .part")
+    fd = os.open(part, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"EVIL" * 1000, 20 * MiB)  # past the announced size
+    finally:
+        os.close(fd)
+    code, out, err = finish(slow)
+    assert code == EXIT_INTEGRITY, err
+    assert not (receiver.out / "app.bin").exists()
+
+
+def test_a_fifo_sidecar_does_not_hang_the_receiver(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / "y.bin.part.json")
+    r = Receiver(out)
+    try:
+        src = make_blob(tmp_path / "y.bin", 1000, seed=15)
+        proc = cli("send", str(src), "--to", r.address, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+        assert digest(out / "y.bin") == digest(src)
+    finally:
+        r.kill()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_recv_during_a_state_dict_leaves_nothing(tmp_path: Path, sig: int) -> None:
+    r = Receiver(tmp_path / "out")
+    src = tmp_path / "big.safetensors"
+    safetensors_torch.save_file({f"w{i}": torch.randn(1024, 1024) for i in range(8)}, str(src))
+    slow = send_in_background(str(src), "--to", r.address, "--limit-rate", "8M")
+    try:
+        wait_until(lambda: part_size(r.out / "big.safetensors.part") > 0, "the .part")
+        time.sleep(0.3)
+        code, _, err = r.stop(sig)
+        assert code == (EXIT_TERMINATED if sig == signal.SIGTERM else 130), err
+    finally:
+        finish(slow)
+        r.kill()
+    assert list(r.out.iterdir()) == []
+
+
+def test_checkpoints_the_receiver_could_not_take_are_refused_before_connecting(
+        tmp_path: Path) -> None:
+    meta = tmp_path / "meta.pt"
+    torch.save({"__metadata__": torch.zeros(3), "w": torch.ones(4)}, meta)
+    sparse = tmp_path / "sparse.pt"
+    torch.save({"s": torch.eye(4).to_sparse()}, sparse)
+    truncated = tmp_path / "truncated.pt"
+    torch.save({"w": torch.randn(1000)}, tmp_path / "full.pt")
+    truncated.write_bytes((tmp_path / "full.pt").read_bytes()[:1500])
+    cases = [(meta, "'__metadata__'"), (sparse, "sparse"), (truncated, "truncated.pt"),
+             (CORPUS / "valid" / "empty_name.safetensors", "1 to")]
+    for path, word in cases:
+        proc = cli("send", str(path), "--to", "127.0.0.1:9")
+        assert proc.returncode == EXIT_ERROR, (path, proc.stderr)
+        one_error_line(proc, word)
+    long_name = tmp_path / ("n" * 242)
+    long_name.write_bytes(b"x")
+    proc = cli("send", str(long_name), "--to", "127.0.0.1:9")
+    assert proc.returncode == EXIT_REFUSED, proc.stderr
+    one_error_line(proc, "longer than 241")
+
+
+def test_a_secret_that_is_not_utf8_is_used_as_bytes(tmp_path: Path) -> None:
+    raw = b"\xff\xfe-secret"
+    environ = env(None)
+    environ_b = {os.fsencode(k): os.fsencode(v) for k, v in environ.items()}
+    environ_b[b"LLMWIRE_SECRET"] = raw
+    out = tmp_path / "out"
+    recv = subprocess.Popen([sys.executable, "-m", "llmwire", "recv", "--listen",
+                             "127.0.0.1:0", "--out", str(out)], cwd=ROOT, env=environ_b,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        first = recv.stderr.readline()
+        address = first.split("listening on ")[1].split(",")[0]
+        src = make_blob(tmp_path / "s.bin", 100, seed=16)
+        done = subprocess.run([sys.executable, "-m", "llmwire", "send", str(src), "--to",
+                               address], cwd=ROOT, env=environ_b, capture_output=True,
+                              text=True, timeout=TIMEOUT)
+        assert done.returncode == 0, done.stderr
+    finally:
+        recv.kill()
+        recv.communicate(timeout=TIMEOUT)
+
+
+def test_metadata_travels_and_overrides_keep_the_first_match(tmp_path: Path,
+                                                             receiver: Receiver) -> None:
+    src = tmp_path / "meta.safetensors"
+    safetensors_torch.save_file({"w": torch.randn(128, 128), "i": torch.arange(5000)},
+                                str(src), metadata={"format": "pt", "round": "3"})
+    proc = cli("send", str(src), "--to", receiver.address, "--json", "--override", "w=bf16",
+               "--override", "w=nf4")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["formats"] == {"bf16": 1, "raw": 1}
+    from safetensors import safe_open
+    with safe_open(str(receiver.out / "meta.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt", "round": "3"}
+    proc = cli("send", str(src), "--to", "127.0.0.1:9", "--override", "i=nf4")
+    assert proc.returncode == EXIT_ERROR, proc.stderr
+    one_error_line(proc, "'i'", "only float tensors")
+
+
+def test_a_source_replaced_by_a_rename_is_refused(tmp_path: Path, receiver: Receiver) -> None:
+    src = make_blob(tmp_path / "ren.bin", 32 * MiB, seed=17)
+    other = make_blob(tmp_path / "ren2.bin", 32 * MiB, seed=18)
+    slow = send_in_background(str(src), "--to", receiver.address, "--limit-rate", "16M")
+    wait_until(lambda: part_size(receiver.out / "ren.bin.part") > 0, "the .part")
+    os.rename(other, src)                                  # an atomic save over it
+    code, out, err = finish(slow)
+    assert code == EXIT_ERROR and "changed while being sent" in err, err
+    assert not (receiver.out / "ren.bin").exists()

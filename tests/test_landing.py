@@ -423,3 +423,56 @@ def test_a_stray_sidecar_without_its_part_is_harmless(tmp_path):
     sent, got = arun(main())
     assert got.resumed_from == 0 and digest(dest / "x.bin") == digest(src)
     assert listing(dest) == ["x.bin"]
+
+
+# ------------------------------------------------------- found by review
+
+
+def test_leaving_iter_state_dict_early_tells_the_sender_at_once(tmp_path):
+    """Breaking out of the loop (the iterator closed by contextlib.aclosing, as
+    documented) and returning at once still cancels the stream and answers
+    the sender first."""
+    import contextlib
+
+    sd = {f"w{i}": torch.randn(1024, 1024) for i in range(8)}
+
+    async def main():
+        pair = await open_pair("tcp", str(tmp_path))
+        try:
+            async def walk_away():
+                async with contextlib.aclosing(llmwire.iter_state_dict(pair.server)) as it:
+                    async for _ in it:
+                        break
+                await pair.server.close()
+            sent, _ = await asyncio.gather(
+                llmwire.send_state_dict(pair.client, sd, slice_bytes=65536), walk_away(),
+                return_exceptions=True)
+            return sent
+        finally:
+            await pair.close()
+
+    sent = arun(main())
+    assert isinstance(sent, llmwire.StreamCancelled), sent
+    assert "stopped reading" in sent.reason
+
+
+def test_a_tensor_named_metadata_cannot_travel(tmp_path):
+    with pytest.raises(llmwire.PayloadError, match="__metadata__"):
+        llmwire.plan_state_dict({"__metadata__": torch.zeros(3)})
+    with pytest.raises(llmwire.PayloadError, match="1 to"):
+        llmwire.plan_state_dict({"": torch.zeros(3)})
+
+
+def test_checkpoint_load_refuses_a_file_changed_while_it_is_read(tmp_path):
+    path = tmp_path / "m.pt"
+    torch.save({"a": torch.randn(100), "b": torch.randn(100)}, path)
+    with open_checkpoint(path) as checkpoint:
+        loaded = checkpoint.load()
+        assert torch.equal(loaded["a"], torch.load(path)["a"])
+        with open(path, "r+b") as f:  # rewritten in place after the layout was read
+            f.seek(0, 2)
+            f.write(b"\0")
+        with pytest.raises(SourceChanged):
+            checkpoint.load()
+        with pytest.raises(SourceChanged):
+            checkpoint["a"].load()

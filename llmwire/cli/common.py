@@ -14,8 +14,8 @@ import time
 from typing import Any, Coroutine
 
 from ..errors import (
-    AuthenticationError, ConnectionClosed, FileWriteError, IntegrityError, LlmwireError,
-    PayloadRefused, PeerError, SourceChanged, TransferInterrupted,
+    AuthenticationError, ChecksumMismatch, ConnectionClosed, FileWriteError, IntegrityError,
+    LlmwireError, PayloadRefused, PeerError, SourceChanged, TransferInterrupted,
 )
 from ..frames import ErrorCode
 
@@ -74,8 +74,9 @@ def exit_code_for(exc: BaseException) -> int:
         return EXIT_AUTH
     if isinstance(exc, IntegrityError):
         return EXIT_INTEGRITY
-    if any(isinstance(e, PeerError) and e.code in _CORRUPTION_CODES for e in _causes(exc)):
-        return EXIT_INTEGRITY  # the receiver saw corrupted bytes and hung up: not the network
+    if any(isinstance(e, PeerError) and e.code in _CORRUPTION_CODES
+           or isinstance(e, (ChecksumMismatch, IntegrityError)) for e in _causes(exc)):
+        return EXIT_INTEGRITY  # corrupted bytes, seen by either side: not the network
     if isinstance(exc, PayloadRefused):
         return EXIT_REFUSED
     if isinstance(exc, (FileWriteError, SourceChanged)):
@@ -150,10 +151,10 @@ def read_secret(secret_file: str | None, on_command_line: str | None = None) -> 
                            f"{exc.strerror or exc}", EXIT_ERROR) from None
         where = f"the secret file {secret_file!r}"
     else:
-        env = os.environ.get(SECRET_ENV)
+        env = os.environb.get(os.fsencode(SECRET_ENV))  # bytes as set, whatever the locale
         if env is None:
             raise CliError(f"no secret: set {SECRET_ENV} or pass --secret-file F", EXIT_USAGE)
-        secret = env.encode("utf-8")
+        secret = env
         where = SECRET_ENV
     if not secret:
         raise CliError(f"the secret in {where} is empty", EXIT_USAGE)

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..checkpoints import Checkpoint, checkpoint_kind, open_checkpoint
-from ..errors import AuthenticationError, ConnectionClosed, LlmwireError, TransferInterrupted
+from ..errors import (
+    AuthenticationError, ConnectionClosed, LlmwireError, NonFiniteError, TransferInterrupted,
+)
 from .common import (
     EXIT_AUTH, EXIT_CONNECTION, EXIT_ERROR, SECRET_ENV, CliError, Progress, add_common_arguments,
     bars_enabled, exit_code_for, format_address, parse_address, parse_rate, parse_timeout,
@@ -107,6 +109,7 @@ class _Item:
 def _plan(paths: list[str], args: argparse.Namespace) -> list[_Item]:
     """Every path checked before connecting: it exists, a checkpoint's layout
     is valid, and the formats asked for fit its tensors."""
+    from ..payloads.files import check_file_name
     from ..payloads.statedict import plan_state_dict
 
     items = []
@@ -119,6 +122,8 @@ def _plan(paths: list[str], args: argparse.Namespace) -> list[_Item]:
             if not os.access(path, os.R_OK):
                 raise CliError(f"{path}: permission denied", EXIT_ERROR)
             kind = None if args.as_file else checkpoint_kind(path)
+            # a name the receiver would refuse is refused here, before connecting
+            check_file_name(os.path.basename(path) if kind is None else _landing_name(path))
             if kind is None:
                 items.append(_Item(path, "file"))
                 continue
@@ -126,14 +131,25 @@ def _plan(paths: list[str], args: argparse.Namespace) -> list[_Item]:
             # here, before connecting (planning reads no data)
             items.append(_Item(path, "state_dict", open_checkpoint(path, kind)))
             try:
-                plan_state_dict(items[-1].checkpoint, _wire_format(args.quantize),
-                                overrides=dict(args.override))
+                manifest, _ = plan_state_dict(items[-1].checkpoint, _wire_format(args.quantize),
+                                              overrides=_overrides(args),
+                                              metadata=items[-1].checkpoint.metadata)
+                manifest.to_bytes()  # over the manifest's size limit: refused here too
             except LlmwireError as exc:
                 raise CliError(f"{path}: {exc}", exit_code_for(exc)) from None
     except BaseException:
         _close_all(items)
         raise
     return items
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, str]:
+    """``--override`` in order, the first of a repeated pattern winning (as
+    its first match wins among patterns)."""
+    chosen: dict[str, str] = {}
+    for pattern, fmt in args.override:
+        chosen.setdefault(pattern, fmt)
+    return chosen
 
 
 def _wire_format(quantize: str | None) -> str:
@@ -162,10 +178,15 @@ async def _send_one_state_dict(transport: Any, item: _Item, args: argparse.Names
     fmt = args.quantize
     try:
         result = await send_state_dict(transport, item.checkpoint, _wire_format(fmt),
-                                       overrides=dict(args.override), nonfinite=args.nonfinite,
+                                       overrides=_overrides(args), nonfinite=args.nonfinite,
+                                       metadata=item.checkpoint.metadata,
                                        header={"name": name}, progress=progress)
     except (ConnectionClosed, TransferInterrupted):
         raise
+    except NonFiniteError as exc:
+        raise CliError(f"{item.path}: {exc.count} NaN/inf value(s) in {exc.name!r}, refused "
+                       "(--nonfinite raise; --nonfinite saturate sends them by the documented "
+                       "rule)", EXIT_ERROR) from None
     except LlmwireError as exc:  # the receiver's verdict, or our own refusal: name the file
         raise CliError(f"{item.path}: {exc}", exit_code_for(exc)) from None
     receipt = result.receipt

@@ -82,6 +82,8 @@ _SIDECAR_TMP_SUFFIX = ".part.json.tmp"
 
 _MAX_NAME_BYTES = 4096
 _MAX_PART_BYTES = 255
+# the final part must leave room for the in-progress suffixes in a 255-byte name
+_MAX_FINAL_BYTES = _MAX_PART_BYTES - len(".part.json.tmp")
 _MAX_CONTROL = MAX_CONTROL
 _ABORT_WAIT = REPLY_WAIT          # seconds to wait for the peer's file-abort reason
 _SIDECAR_VERSION = 1
@@ -118,7 +120,8 @@ def check_file_name(name: object) -> tuple[str, ...]:
 
     Refused: non-strings, empty names, absolute paths, empty, ``.`` or ``..``
     parts, NUL/control characters, backslashes, a drive prefix (``C:``), names
-    over 4096 bytes or parts over 255 bytes (UTF-8), and final parts ending in
+    over 4096 bytes, parts over 255 bytes and a final part over 241 (UTF-8:
+    its ``.part.json.tmp`` must fit), and final parts ending in
     ``.part``, ``.part.json`` or ``.part.json.tmp`` (reserved for transfers in
     progress). Symlinks are checked against a directory by :func:`receive_file`.
     """
@@ -146,6 +149,9 @@ def check_file_name(name: object) -> tuple[str, ...]:
         if len(part.encode("utf-8")) > _MAX_PART_BYTES:
             raise UnsafeFileName(shown, f"a part of the file name is longer than "
                                         f"{_MAX_PART_BYTES} bytes")
+    if len(parts[-1].encode("utf-8")) > _MAX_FINAL_BYTES:
+        raise UnsafeFileName(shown, f"the file's own name is longer than {_MAX_FINAL_BYTES} "
+                                    "bytes (its .part.json.tmp would not fit in 255)")
     if parts[-1].endswith((PART_SUFFIX, SIDECAR_SUFFIX, _SIDECAR_TMP_SUFFIX)):
         raise UnsafeFileName(shown, "names ending in .part, .part.json or .part.json.tmp "
                                     "are reserved for transfers in progress")
@@ -391,12 +397,14 @@ class _Part:
 
     def resumable_offset(self) -> int:
         """The verified offset a matching sidecar records, or 0."""
-        try:
-            fd = os.open(self.sidecar, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         dir_fd=self.dir.fd)
+        try:  # never blocks (a FIFO planted there would hang the receiver)
+            fd = os.open(self.sidecar, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                         | os.O_NONBLOCK, dir_fd=self.dir.fd)
         except OSError:
             return 0
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return 0
             record = json.loads(os.read(fd, _MAX_CONTROL))
         except (OSError, ValueError):
             return 0
@@ -508,7 +516,11 @@ async def _abort(transport: Transport, fid: str, exc: BaseException) -> None:
 
 
 async def _digest_part(part: _Part, size: int) -> str:
-    """The whole-file digest of ``.part`` as read back from the file."""
+    """The whole-file digest of ``.part`` as read back from the file; a file
+    that is not exactly ``size`` bytes (someone appended) cannot match."""
+    held = part.file.size()
+    if held != size:
+        return f"a file of {held} bytes, not {size}"
     fd = os.dup(part.fd)  # the thread's own: a cancel here never closes it under the thread
     try:
         return await asyncio.to_thread(digest_on_disk, fd, size)

@@ -189,9 +189,11 @@ class PartFile:
     :meth:`acquire` opens (creating) the ``.part`` with ``O_NOFOLLOW`` and
     takes an exclusive, non-blocking ``flock`` on it; it does not truncate,
     so a caller can decide what of an earlier ``.part`` to keep only once it
-    owns it. Raises :class:`~llmwire.TargetBusy` if another transfer holds
-    the lock, :class:`~llmwire.UnsafeFileName` if ``.part`` is a link or not a
-    regular file. The lock lives as long as the descriptor: :meth:`close`,
+    owns it. An earlier ``.part`` that another name also leads to (a hard
+    link) or that another user owns is never written through: it is
+    replaced by a new file. Raises :class:`~llmwire.TargetBusy` if another
+    transfer holds the lock, :class:`~llmwire.UnsafeFileName` if ``.part`` is
+    a symlink or not a regular file. The lock lives as long as the descriptor: :meth:`close`,
     :meth:`place` and :meth:`discard` release it (so does the process's death).
     """
 
@@ -211,7 +213,7 @@ class PartFile:
         return os.path.join(self.dir.path, self.final)
 
     def acquire(self) -> None:
-        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         for _ in range(8):
             try:
                 fd = os.open(self.part, flags, 0o644, dir_fd=self.dir.fd)
@@ -232,8 +234,16 @@ class PartFile:
                 # or discarded the file: then the name is someone else's now.
                 now = self.dir.lstat(self.part)
                 if now is not None and (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev):
-                    self.fd = fd
-                    return
+                    if st.st_nlink == 1 and st.st_uid == os.geteuid():
+                        os.set_blocking(fd, True)
+                        self.fd = fd
+                        return
+                    # Another name leads to this inode (a hard link: planted, or left
+                    # by a receiver killed between link and unlink in place()), or it
+                    # is not ours: never write through it. Its name goes; a fresh
+                    # inode takes it.
+                    self.dir.unlink_quiet(self.part)
+                    flags |= os.O_EXCL
             except BaseException:
                 os.close(fd)
                 raise
@@ -261,7 +271,11 @@ class PartFile:
         pwrite_all(self.fd, data, offset)
 
     def digest(self, length: int) -> str:
-        """xxh3-128 (hex) of the first ``length`` bytes as the file holds them."""
+        """xxh3-128 (hex) of the file as it holds them, which must be exactly
+        ``length`` bytes (``OSError`` otherwise: bytes someone appended count)."""
+        size = self.size()
+        if size != length:
+            raise OSError(errno.EIO, f"{self.part} holds {size} bytes, not {length}")
         return digest_on_disk(self.fd, length)
 
     def sync(self) -> None:

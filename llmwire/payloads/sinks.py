@@ -38,7 +38,16 @@ __all__ = ["StateDictSink", "MemorySink", "InPlaceSink", "SafetensorsSink", "SAF
 
 
 class StateDictSink(abc.ABC):
-    """The receiving end of a state dict."""
+    """The receiving end of a state dict.
+
+    ``accepts_updates``: whether the sink takes version-2 manifests (deltas
+    against a reference, unchanged entries: llmwire.rounds); the others are
+    refused before :meth:`prepare`. Such a sink gets a delta entry's restored
+    float32 values through :meth:`write` (its :meth:`target` returns None for
+    them) and is told of an unchanged entry by :meth:`unchanged`.
+    """
+
+    accepts_updates = False
 
     def prepare(self, manifest: Manifest) -> None:
         """Validate the manifest against this target; raise before any write."""
@@ -56,6 +65,9 @@ class StateDictSink(abc.ABC):
     @abc.abstractmethod
     def tie(self, entry: Entry, source: Entry) -> None:
         """``entry`` shares storage with the already complete ``source``."""
+
+    def unchanged(self, entry: Entry) -> None:
+        """An update's ``entry`` is unchanged: it carries no data."""
 
     def entry_done(self, entry: Entry) -> Any:
         """``entry`` is complete; return what an entry iterator yields for it."""
@@ -217,6 +229,12 @@ class _Ledger:
             pos += length
         if pos != size:
             raise PayloadError(f"{name}: bytes [{pos}, {size}) were never written")
+        held = os.fstat(fd).st_size
+        if held != size:  # someone appended (or cut) the file
+            error = FileIntegrityError(0, name, f"{size} bytes", f"{held} bytes")
+            error.args = (f"{name}: the file holds {held} bytes, {size} were written "
+                          "(another writer?)",)
+            raise error
         return whole.hexdigest()
 
 
@@ -271,6 +289,9 @@ class SafetensorsSink(StateDictSink):
             header["__metadata__"] = metadata
         position = 0
         for entry in manifest.entries:
+            if entry.name == "__metadata__":
+                raise TargetMismatch("a tensor named '__metadata__' cannot be written to "
+                                     "a .safetensors file (the format reserves the name)")
             spec = specs[entry.tied_to] if entry.tied_to else entry.spec
             assert spec is not None
             size = spec.numel * DTYPES[spec.dtype].itemsize

@@ -88,12 +88,17 @@ class Encoded:
     buffer: np.ndarray | None
 
 
+def _writes_wire(spec: TensorSpec, view: Any) -> bool:
+    """Whether the view's values can be produced straight into the wire buffer
+    (raw encoding of values that live elsewhere: a file, a delta)."""
+    return spec.format == "raw" and getattr(view, "container", None) in ("file", "delta")
+
+
 def _encode_job(spec: TensorSpec, view: Any, start: int, stop: int,
                 parts: list[np.ndarray], scratch: np.ndarray | None) -> int:
-    if spec.format == "raw" and view.container == "file":
-        view.slice(start, stop, parts[0])  # read from the file straight into the wire buffer
+    if _writes_wire(spec, view):
+        values = view.slice(start, stop, parts[0])  # straight into the wire buffer
         found = 0
-        values = None
     else:
         values = view.slice(start, stop, scratch)
         found = codec.encode_slice_into(spec, values, parts)
@@ -160,7 +165,7 @@ class SliceEncoder:
             buffer = self._pool.take()
             parts, nbytes = carve(buffer, spec, stop - start)
             scratch = (self._scratch.take() if view.container in ("file", "delta")
-                       and not (spec.format == "raw" and view.container == "file") else None)
+                       and not _writes_wire(spec, view) else None)
             future = loop.run_in_executor(executor, _encode_job, spec, view, start, stop,
                                           parts, scratch)
             running.append((Encoded(entry, start, stop, buffer[:nbytes], buffer), future,

@@ -9,8 +9,10 @@ A file rewritten in place during a send (a training job saving to the same
 path) would otherwise land as a copy matching neither version, so a sender
 records the file's :class:`FileIdentity` when it opens it and checks it again
 before it declares the file sent (:func:`check_unchanged`): size, mtime and
-ctime (the kernel updates both on every write and truncate, and ctime cannot be
-set back by a user) and inode.
+ctime (the kernel updates both on every write and truncate, ctime cannot be
+set back by a user, and it changes too when the file is renamed over or
+unlinked, as its link count drops). All of it is read from the descriptor the
+sender reads through, so nothing can swap the file between check and read.
 """
 
 from __future__ import annotations
@@ -47,9 +49,7 @@ class FileIdentity:
         if other.mtime_ns != self.mtime_ns:
             said.append("modified")
         elif other.ctime_ns != self.ctime_ns:
-            said.append("status changed")
-        if (other.dev, other.ino) != (self.dev, self.ino):
-            said.append("another inode")
+            said.append("status changed (renamed over, unlinked, or its mode or times set)")
         return ", ".join(said)
 
 

@@ -36,7 +36,9 @@ from ..quant.codec import FLOAT_DTYPES, MIN_ELEMENTS, TensorSpec, make_spec
 from ..quant.formats import get_format
 from ..tensors import DTYPES, TensorView, view_tensor
 from ..transport.base import RecvStream, Transport
-from .manifest import LENGTH_PREFIX, MAX_MANIFEST_BYTES, MAX_SLICE_ELEMENTS, Entry, Manifest
+from .manifest import (
+    LENGTH_PREFIX, MAX_MANIFEST_BYTES, MAX_NAME_LENGTH, MAX_SLICE_ELEMENTS, Entry, Manifest,
+)
 from .reader import ChunkReader
 from .sinks import InPlaceSink, MemorySink, SafetensorsSink, StateDictSink
 from .slices import PIPELINE_DEPTH, BufferPool, SliceEncoder, carve, largest_slice
@@ -95,6 +97,19 @@ def _storage_key(tensor: Any, view: TensorView) -> tuple[Any, ...]:
     return (array.__array_interface__["data"][0], array.shape, array.strides, array.dtype.str)
 
 
+def check_entry_name(name: Any) -> None:
+    """A name a receiver will take: a non-empty string of at most
+    MAX_NAME_LENGTH characters, not ``__metadata__`` (safetensors reserves it)."""
+    if not isinstance(name, str):
+        raise PayloadError(f"state dict keys must be strings, got {name!r:.100}")
+    if not 0 < len(name) <= MAX_NAME_LENGTH:
+        raise PayloadError(f"state dict key {name!r:.100} must be 1 to {MAX_NAME_LENGTH} "
+                           "characters long")
+    if name == "__metadata__":
+        raise PayloadError("a tensor named '__metadata__' cannot travel: safetensors "
+                           "reserves the name")
+
+
 def plan_state_dict(state_dict: Mapping[str, Any], fmt: str = "raw", *,
                     overrides: Mapping[str, str] | None = None,
                     min_elements: int = MIN_ELEMENTS, block_size: int | None = None,
@@ -116,8 +131,7 @@ def plan_state_dict(state_dict: Mapping[str, Any], fmt: str = "raw", *,
     views: dict[str, TensorView] = {}
     first_of: dict[tuple[Any, ...], str] = {}
     for name, tensor in state_dict.items():
-        if not isinstance(name, str):
-            raise PayloadError(f"state dict keys must be strings, got {name!r}")
+        check_entry_name(name)
         view = view_tensor(tensor)
         key = _storage_key(tensor, view)
         if view.numel and key in first_of:
@@ -129,6 +143,9 @@ def plan_state_dict(state_dict: Mapping[str, Any], fmt: str = "raw", *,
         if not named and view.dtype not in FLOAT_DTYPES and DTYPES[view.dtype].is_float:
             get_format(chosen)  # a bad format name is still an error
             chosen = "raw"
+        if named and chosen != "raw" and not DTYPES[view.dtype].is_float:
+            raise QuantizationError(f"{name!r}: an override asks {chosen} for a {view.dtype} "
+                                    "tensor; only float tensors are quantized")
         is_block = get_format(chosen).is_block
         try:
             spec = make_spec(view.dtype, view.shape, chosen,
@@ -180,6 +197,24 @@ async def send_state_dict(transport: Transport, state_dict: Mapping[str, Any],
                                       nested=nested, slice_bytes=slice_bytes,
                                       metadata=metadata)
     started = time.perf_counter()
+    wire_bytes, found, receipt = await send_planned(transport, manifest, views, nonfinite,
+                                                    header=header, progress=progress)
+    formats = collections.Counter(e.spec.format for e in manifest.entries if e.spec)
+    kept_raw = _kept_raw(manifest, fmt, overrides or {}, min_elements)
+    return TransferResult(
+        entries=len(manifest.entries),
+        tensor_bytes=sum(v.numel * DTYPES[v.dtype].itemsize for v in views.values()),
+        wire_bytes=wire_bytes, seconds=time.perf_counter() - started, formats=dict(formats),
+        nonfinite=found, kept_raw=kept_raw, receipt=receipt)
+
+
+async def send_planned(transport: Transport, manifest: Manifest, views: Mapping[str, Any],
+                       nonfinite: str = "saturate", *, header: Mapping[str, Any] | None = None,
+                       progress: Progress | None = None) -> tuple[int, int, dict[str, Any]]:
+    """Send a planned state dict (``manifest`` and the views its slices are
+    encoded from: :func:`plan_state_dict`, or an update's plan) on one stream
+    and wait for the receiver's verdict, as :func:`send_state_dict` does.
+    Returns ``(wire bytes, non-finite values mapped, the receiver's receipt)``."""
     key = uuid.uuid4().hex
     name = header.get("name") if header else None
     stream = await transport.open_stream({**(header or {}), "kind": STREAM_KIND, "id": key})
@@ -208,14 +243,7 @@ async def send_state_dict(transport: Transport, state_dict: Mapping[str, Any],
     if verdict["kind"] != VERDICT_OK:
         _raise_verdict(verdict, name, stream.stream_id, None)
     receipt = verdict.get("receipt")
-    formats = collections.Counter(e.spec.format for e in manifest.entries if e.spec)
-    kept_raw = _kept_raw(manifest, fmt, overrides or {}, min_elements)
-    return TransferResult(
-        entries=len(manifest.entries),
-        tensor_bytes=sum(v.numel * DTYPES[v.dtype].itemsize for v in views.values()),
-        wire_bytes=len(prefix) + manifest.body_nbytes,
-        seconds=time.perf_counter() - started, formats=dict(formats), nonfinite=found,
-        kept_raw=kept_raw, receipt=receipt if isinstance(receipt, dict) else {})
+    return len(prefix) + manifest.body_nbytes, found, receipt if isinstance(receipt, dict) else {}
 
 
 def _kept_raw(manifest: Manifest, fmt: str, overrides: Mapping[str, str],
@@ -330,15 +358,21 @@ async def iter_state_dict(source: Transport | RecvStream, into: Any = None, *,
     digest is checked after the last entry, and only then is the result
     committed (a file renamed into place) and the sender told it landed. If
     that check fails the iterator raises :class:`~llmwire.IntegrityError`
-    after the last entry: discard what you aggregated. Leaving the loop early
-    cancels the stream (the sender raises ``StreamCancelled``). ``into`` as for
-    :func:`receive_state_dict`.
+    after the last entry: discard what you aggregated. To leave the loop
+    early, iterate inside ``contextlib.aclosing(iter_state_dict(...))``: closing
+    the iterator cancels the stream and tells the sender at once (it raises
+    ``StreamCancelled``); an iterator merely dropped is closed only when it is
+    garbage-collected. ``into`` as for :func:`receive_state_dict`.
     """
     stream = await _accept(source)
     answer = _answer_on(source, stream, transport)
     sink = _make_sink(into, container, strict, overwrite)
-    async for item in _receive(stream, sink, max_bytes, progress, answer):
-        yield item
+    inner = _receive(stream, sink, max_bytes, progress, answer)
+    try:
+        async for item in inner:
+            yield item
+    finally:  # leaving early closes it now: the stream is cancelled, the sender told
+        await inner.aclose()
 
 
 async def receive_state_dict(source: Transport | RecvStream, into: Any = None, *,
@@ -390,6 +424,10 @@ async def _receive(stream: RecvStream, sink: StateDictSink, max_bytes: int | Non
         if max_bytes is not None and restored > max_bytes:
             raise PayloadRefused(f"the state dict restores to {restored} bytes, over "
                                  f"max_bytes={max_bytes}")
+        if manifest.is_update and not sink.accepts_updates:
+            raise PayloadRefused("this is an update (deltas against a reference, "
+                                 f"llmwire.rounds) and {type(sink).__name__} takes whole "
+                                 "state dicts")
         sink.prepare(manifest)
         # np.empty costs no memory until a buffer is first written
         wire_size, restored_size = largest_slice(manifest)
@@ -401,6 +439,10 @@ async def _receive(stream: RecvStream, sink: StateDictSink, max_bytes: int | Non
             if entry.spec is None:
                 assert entry.tied_to is not None
                 sink.tie(entry, entries[entry.tied_to])
+                yield entry.name, sink.entry_done(entry)
+                continue
+            if entry.mode == "zero":
+                sink.unchanged(entry)
                 yield entry.name, sink.entry_done(entry)
                 continue
             target = sink.target(entry)
@@ -416,8 +458,7 @@ async def _receive(stream: RecvStream, sink: StateDictSink, max_bytes: int | Non
         finished = True
         result = sink.commit()
     except BaseException as exc:
-        if pending:
-            await asyncio.gather(*(f for f, _, _ in pending), return_exceptions=True)
+        cancelled = await _settle([f for f, _, _ in pending])
         if not finished:
             sink.abort()
         # The verdict goes before the cancel: a sender that sees the cancel
@@ -426,6 +467,8 @@ async def _receive(stream: RecvStream, sink: StateDictSink, max_bytes: int | Non
             await reply_quietly(answer, VERDICT_FAILED, id=key, **failure_fields(exc))
         if not finished:
             await _cancel_quietly(stream, exc)
+        if cancelled is not None and not isinstance(exc, asyncio.CancelledError):
+            raise cancelled from exc
         if isinstance(exc, OSError) and not isinstance(exc, (PayloadError, ConnectionError,
                                                              TimeoutError)):
             raise FileWriteError(stream.header.get("name"), exc) from exc
@@ -434,6 +477,22 @@ async def _receive(stream: RecvStream, sink: StateDictSink, max_bytes: int | Non
     await reply_quietly(answer, VERDICT_OK, id=key, receipt=sink.receipt())
     if outcome is not None:
         outcome["result"] = result
+
+
+async def _settle(futures: list[Any]) -> asyncio.CancelledError | None:
+    """Wait until restore jobs still running in worker threads are done (they
+    write into the sink's target, which is about to be aborted), however many
+    times the task is cancelled meanwhile; return the last cancellation, for
+    the caller to raise once it has cleaned up."""
+    cancelled = None
+    while futures:
+        try:
+            await asyncio.shield(asyncio.gather(*futures, return_exceptions=True))
+            break
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+            futures = [f for f in futures if not f.done()]
+    return cancelled
 
 
 async def _receive_slice(reader: ChunkReader, entry: Entry, start: int, stop: int,

@@ -84,7 +84,9 @@ def _reason_of(exc: BaseException) -> str:
 
 def failure_fields(exc: BaseException) -> dict[str, Any]:
     """The header fields that tell a sender why a payload failed."""
-    fields: dict[str, Any] = {"error": type(exc).__name__, "category": category_of(exc),
+    # a refusal may name its own kind (e.g. "StaleRound") for the sender
+    kind = getattr(exc, "remote_error", None) if isinstance(exc, PayloadRefused) else None
+    fields: dict[str, Any] = {"error": kind or type(exc).__name__, "category": category_of(exc),
                               "reason": _reason_of(exc)}
     if fields["category"] == "write" and isinstance(exc, OSError) and exc.errno:
         fields["errno"] = int(exc.errno)
@@ -119,6 +121,9 @@ def raise_failure(fields: Any, *, name: str | None, stream_id: int, file: bool,
         actual = str(fields.get("actual", reason))
         exc = (FileIntegrityError(stream_id, name, expected, actual) if file
                else IntegrityError(stream_id, expected, actual))
+        if fields.get("reason"):  # its own words say what failed where
+            where = f"file {name!r}: " if file else ""
+            exc.args = (f"{where}the receiver's integrity check failed: {reason}",)
     elif category == "write":
         code = fields.get("errno")
         code = code if type(code) is int and code > 0 else errno_codes.EIO

@@ -42,16 +42,9 @@ MiB = 1 << 20
 SECRET = b"bench-file"
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the bench's options to ``parser``."""
-    parser.add_argument("--size", type=_size, default=1 << 30,
+    parser.add_argument("--size", type=parse_size, default=1 << 30,
                         help="file size, e.g. 1GiB, 500MB (default: 1GiB)")
     parser.add_argument("--runs", type=int, default=3, help="runs of each kind (default: 3)")
     parser.add_argument("--chunk", type=int, default=4 * MiB,
