@@ -61,6 +61,24 @@ def test_bad_size_is_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert "lots" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["demo", "--params", "0"], ["demo", "--params", "5000"],
+                                  ["bench", "round", "--params", "0"],
+                                  ["bench", "quant", "--params", "9999"]])
+def test_too_small_a_model_is_a_usage_error_before_any_process_starts(
+        argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == EXIT_USAGE
+    assert "at least 10000 parameters" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("formats", ["", ","])
+def test_bench_round_without_formats_says_so(formats: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "round", "--formats", formats]) == EXIT_USAGE
+    assert capsys.readouterr().err == "llmwire bench round: --formats names no format\n"
+
+
 def test_bench_quant_json_keys(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "quant", "--params", "300k", "--formats", "nf4,blockwise8,fp16",
                  "--repeat", "1", "--json"]) == EXIT_OK

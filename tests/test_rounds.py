@@ -17,7 +17,7 @@ from llmwire import PayloadRefused, rounds
 from llmwire.payloads.manifest import Manifest
 from llmwire.quant.codec import TensorSpec, decode_slice, encode_slice_into, make_spec
 from llmwire.rounds import ErrorFeedback, Reference, ReferenceMismatch
-from transport_helpers import open_pair
+from transport_helpers import close_pairs, open_pairs
 
 SECRET = b"rounds-secret"
 
@@ -54,16 +54,6 @@ def same_bits(a, b) -> bool:
     return all(torch.equal(x, y) for x, y in zip(bits(a).values(), bits(b).values()))
 
 
-async def pairs(kind: str, n: int, tmp):
-    handles = [await open_pair(kind, str(tmp)) for _ in range(n)]
-    return handles, [h.server for h in handles], [h.client for h in handles]
-
-
-async def close_all(handles) -> None:
-    for h in handles:
-        await h.close()
-
-
 # ------------------------------------------------------------ references
 
 
@@ -96,14 +86,14 @@ def test_an_update_of_another_reference_is_refused_before_anything_is_touched(tm
     update = {"layers.0.weight": torch.full((256, 192), 0.5).numpy()}
 
     async def main():
-        handles, servers, clients = await pairs(kind, 1, tmp_path)
+        handles, servers, clients = await open_pairs(kind, 1, tmp_path)
         try:
             return await asyncio.gather(
                 rounds.broadcast_update(servers, update, clone(server_state), ref, "nf4"),
                 rounds.receive_update(clients[0], client_state, have),
                 return_exceptions=True)
         finally:
-            await close_all(handles)
+            await close_pairs(handles)
 
     result, got = arun(main())
     assert isinstance(got, ReferenceMismatch), got
@@ -127,13 +117,13 @@ def test_broadcast_update_leaves_server_and_clients_with_the_same_bits(tmp_path,
               if t.is_floating_point() and name != "frozen.weight"}
 
     async def main():
-        handles, servers, clients = await pairs("memory", 3, tmp_path)
+        handles, servers, clients = await open_pairs("memory", 3, tmp_path)
         try:
             return await asyncio.gather(
                 rounds.broadcast_update(servers, update, global_, ref, fmt),
                 *(rounds.receive_update(c, s, ref) for c, s in zip(clients, copies)))
         finally:
-            await close_all(handles)
+            await close_pairs(handles)
 
     result, *haves = arun(main())
     assert [p.status for p in result.peers] == ["landed"] * 3
@@ -163,7 +153,7 @@ def test_unchanged_tensors_carry_no_data(tmp_path):
     assert parsed == manifest
 
     async def main():
-        handles, servers, clients = await pairs("tcp", 1, tmp_path)
+        handles, servers, clients = await open_pairs("tcp", 1, tmp_path)
         agg = rounds.Aggregator(base, Reference.of(base, 0))
         try:
             sent, _ = await asyncio.gather(
@@ -171,7 +161,7 @@ def test_unchanged_tensors_carry_no_data(tmp_path):
                 agg.receive(servers[0]))
             return sent, agg.close()
         finally:
-            await close_all(handles)
+            await close_pairs(handles)
 
     sent, aggregate = arun(main())
     assert sent.unchanged == 9 and sent.deltas == 1
@@ -285,7 +275,7 @@ def test_concurrent_uploads_aggregate_to_the_fp64_weighted_mean(tmp_path, dtype)
     weights = [1.0, 2.0, 3.5, 1.0, 0.5, 4.0]
 
     async def main():
-        handles, servers, clients = await pairs("tcp", 6, tmp_path)
+        handles, servers, clients = await open_pairs("tcp", 6, tmp_path)
         agg = rounds.Aggregator(base, ref, dtype=dtype, spool_dir=tmp_path)
         try:
             await asyncio.gather(
@@ -294,7 +284,7 @@ def test_concurrent_uploads_aggregate_to_the_fp64_weighted_mean(tmp_path, dtype)
                 *(agg.receive(s) for s in servers))
             return agg.close()
         finally:
-            await close_all(handles)
+            await close_pairs(handles)
 
     aggregate = arun(main(), timeout=60)
     assert aggregate.clients == {f"c{i}": w for i, w in enumerate(weights)}
@@ -312,7 +302,7 @@ def test_a_client_killed_mid_upload_never_poisons_the_round(tmp_path):
     locals_ = [{k: v + 0.001 * (j + 1) for k, v in base.items()} for j in range(4)]
 
     async def main():
-        handles, servers, clients = await pairs("tcp", 4, tmp_path)
+        handles, servers, clients = await open_pairs("tcp", 4, tmp_path)
         agg = rounds.Aggregator(base, ref, spool_dir=tmp_path)
         real_undo = agg._undo
 
@@ -337,7 +327,7 @@ def test_a_client_killed_mid_upload_never_poisons_the_round(tmp_path):
         try:
             return results, agg.close()
         finally:
-            await close_all(handles)
+            await close_pairs(handles)
 
     results, aggregate = arun(main(), timeout=60)
     assert sorted(aggregate.clients) == ["c0", "c1", "c3"], results
@@ -354,7 +344,7 @@ def test_stale_duplicate_and_late_uploads_are_refused(tmp_path):
     local = trained(base, 0)
 
     async def main():
-        handles, servers, clients = await pairs("memory", 1, tmp_path)
+        handles, servers, clients = await open_pairs("memory", 1, tmp_path)
         c, s = clients[0], servers[0]
         agg = rounds.Aggregator(base, ref)
         outcomes = []
@@ -379,7 +369,7 @@ def test_stale_duplicate_and_late_uploads_are_refused(tmp_path):
                 return_exceptions=True))
             return outcomes, agg
         finally:
-            await close_all(handles)
+            await close_pairs(handles)
 
     outcomes, agg = arun(main())
     stale, foreign, dup, late = outcomes
@@ -398,14 +388,14 @@ def test_integer_buffers_must_not_change_in_an_update(tmp_path):
     local["steps"] = local["steps"] + 1
 
     async def main():
-        handles, servers, clients = await pairs("memory", 1, tmp_path)
+        handles, servers, clients = await open_pairs("memory", 1, tmp_path)
         agg = rounds.Aggregator(base, ref)
         try:
             return await asyncio.gather(
                 rounds.send_update(clients[0], local, base, ref, client="a"),
                 agg.receive(servers[0]), return_exceptions=True), agg
         finally:
-            await close_all(handles)
+            await close_pairs(handles)
 
     (sent, got), agg = arun(main())
     assert isinstance(got, PayloadRefused) and "'steps'" in str(got)
@@ -423,13 +413,13 @@ def test_tied_weights_update_once(tmp_path):
     copy = {"embed": copy_embed, "head": copy_embed}
 
     async def main():
-        handles, servers, clients = await pairs("memory", 1, tmp_path)
+        handles, servers, clients = await open_pairs("memory", 1, tmp_path)
         try:
             return await asyncio.gather(
                 rounds.broadcast_update(servers, update, base, ref, "raw"),
                 rounds.receive_update(clients[0], copy, ref))
         finally:
-            await close_all(handles)
+            await close_pairs(handles)
 
     result, have = arun(main())
     assert result.landed == [0] and have == result.reference
@@ -464,13 +454,13 @@ def test_broadcast_sends_one_encoding_to_every_peer(tmp_path, kind):
     copies = [clone(state) for _ in range(4)]
 
     async def main():
-        handles, servers, clients = await pairs(kind, 4, tmp_path)
+        handles, servers, clients = await open_pairs(kind, 4, tmp_path)
         try:
             return await asyncio.gather(
                 rounds.broadcast_state(servers, state, 7),
                 *(rounds.receive_update(c, s, None) for c, s in zip(clients, copies)))
         finally:
-            await close_all(handles)
+            await close_pairs(handles)
 
     result, *haves = arun(main(), timeout=60)
     assert result.landed == [0, 1, 2, 3]
@@ -495,14 +485,14 @@ def test_broadcast_encodes_each_slice_once(tmp_path, monkeypatch):
     update = {"w": np.full((1024, 1024), 1e-3, np.float32)}
 
     async def main():
-        handles, servers, clients = await pairs("memory", 5, tmp_path)
+        handles, servers, clients = await open_pairs("memory", 5, tmp_path)
         try:
             return await asyncio.gather(
                 rounds.broadcast_update(servers, update, global_, ref, "nf4",
                                         slice_bytes=1 << 18),
                 *(rounds.receive_update(c, s, ref) for c, s in zip(clients, copies)))
         finally:
-            await close_all(handles)
+            await close_pairs(handles)
 
     result, *_ = arun(main())
     assert result.landed == [0, 1, 2, 3, 4]
@@ -515,7 +505,7 @@ def test_a_slow_peer_holds_back_by_its_window_or_is_dropped(tmp_path, kind):
     copies = [clone(state) for _ in range(3)]
 
     async def run(policy):
-        handles, servers, clients = await pairs(kind, 3, tmp_path)
+        handles, servers, clients = await open_pairs(kind, 3, tmp_path)
         try:
             return await asyncio.gather(
                 rounds.broadcast_state(servers, state, 1, policy=policy,
@@ -526,7 +516,7 @@ def test_a_slow_peer_holds_back_by_its_window_or_is_dropped(tmp_path, kind):
                 rounds.receive_update(clients[2], copies[2], None),
                 return_exceptions=True)
         finally:
-            await close_all(handles)
+            await close_pairs(handles)
 
     waited = arun(run("wait"), timeout=60)
     assert waited[0].landed == [0, 1, 2], waited
@@ -542,7 +532,7 @@ def test_a_peer_that_disconnects_leaves_the_others_alone(tmp_path):
     copies = [clone(state) for _ in range(3)]
 
     async def main():
-        handles, servers, clients = await pairs("tcp", 3, tmp_path)
+        handles, servers, clients = await open_pairs("tcp", 3, tmp_path)
 
         async def vanishing():
             stream = await clients[1].accept_stream()
@@ -555,7 +545,7 @@ def test_a_peer_that_disconnects_leaves_the_others_alone(tmp_path):
                 rounds.receive_update(clients[0], copies[0], None), vanishing(),
                 rounds.receive_update(clients[2], copies[2], None), return_exceptions=True)
         finally:
-            await close_all(handles)
+            await close_pairs(handles)
 
     result, *_ = arun(main(), timeout=60)
     assert [p.status for p in result.peers] == ["landed", "failed", "landed"], result
@@ -570,7 +560,7 @@ def test_whole_weights_for_a_client_that_missed_rounds(tmp_path):
     stale_ref = Reference.of(stale, 3)
 
     async def main():
-        handles, servers, clients = await pairs("memory", 1, tmp_path)
+        handles, servers, clients = await open_pairs("memory", 1, tmp_path)
         try:
             hello = asyncio.ensure_future(rounds.read_announce(servers[0]))
             await rounds.announce(clients[0], "late", stale_ref)
@@ -580,7 +570,7 @@ def test_whole_weights_for_a_client_that_missed_rounds(tmp_path):
                                                rounds.receive_update(clients[0], stale, have))
             return result, got
         finally:
-            await close_all(handles)
+            await close_pairs(handles)
 
     result, got = arun(main())
     assert got == result.reference == Reference.of(global_, 5) and same_bits(stale, global_)

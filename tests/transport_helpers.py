@@ -67,6 +67,18 @@ async def open_pair(kind: str, tmp: str, settings: Settings | None = None) -> Pa
     return PairHandle(c, s, srv)
 
 
+async def open_pairs(kind: str, n: int, tmp: str) -> tuple[list[PairHandle], list[Any],
+                                                          list[Any]]:
+    """``n`` pairs: (handles, their server ends, their client ends)."""
+    handles = [await open_pair(kind, str(tmp)) for _ in range(n)]
+    return handles, [h.server for h in handles], [h.client for h in handles]
+
+
+async def close_pairs(handles: list[PairHandle]) -> None:
+    for h in handles:
+        await h.close()
+
+
 class EvilPeer:
     """A client that does the handshake by the book, then sends what it likes."""
 

@@ -1,5 +1,5 @@
 """Regenerate the stream state diagram in docs/protocol.md from the transition
-table in llmwire/protocol.py. Run: python3 tools/gen_state_diagram.py [--check]"""
+table in llmwire/_streams.py. Run: python3 tools/gen_state_diagram.py [--check]"""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from llmwire.protocol import stream_state_diagram  # noqa: E402
+from llmwire._streams import stream_state_diagram  # noqa: E402
 
 BEGIN = "<!-- BEGIN GENERATED: stream states (tools/gen_state_diagram.py) -->"
 END = "<!-- END GENERATED: stream states -->"

@@ -10,6 +10,7 @@ moving real memory, rather than a cache-hot buffer, costs the plain socket.
 The process pairs are the benches' own.
 """
 
+import argparse
 import multiprocessing as mp
 import pathlib
 import sys
@@ -22,8 +23,14 @@ from llmwire.cli.bench.wire import _one_run, _raw_receiver, _raw_sender  # noqa:
 CHUNK = 4 << 20
 
 if __name__ == "__main__":
-    nbytes = int(sys.argv[1]) if len(sys.argv) > 1 else 1 << 30
-    runs = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bytes", nargs="?", type=int, default=1 << 30,
+                        help="bytes to move per run (default: 1 GiB)")
+    parser.add_argument("runs", nargs="?", type=int, default=3, help="runs (default: 3)")
+    args = parser.parse_args()
+    if args.bytes < 1 or args.runs < 1:
+        parser.error("bytes and runs must be positive")
+    nbytes, runs = args.bytes, args.runs
     ctx = mp.get_context("spawn")
     for label, receiver, sender in (("reused 4 MiB buffers", _raw_receiver, _raw_sender),
                                     ("model-sized buffers on both sides", _raw_model_receiver,

@@ -3,19 +3,27 @@
 
     python3 tools/stream_runs.py [runs] [format] [params]
 """
+import argparse
 import multiprocessing as mp
+import pathlib
 import statistics
 import sys
 
-sys.path.insert(0, ".")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from llmwire.cli.bench.stream import _one_transfer  # noqa: E402
 from llmwire.cli.bench.wire import _one_run, _raw_receiver, _raw_sender  # noqa: E402
-from llmwire.cli.synthetic import parse_size  # noqa: E402
+from llmwire.cli.synthetic import model_size  # noqa: E402
 
 if __name__ == "__main__":
-    runs = int(sys.argv[1]) if len(sys.argv) > 1 else 6
-    fmt = sys.argv[2] if len(sys.argv) > 2 else "raw"
-    params = parse_size(sys.argv[3]) if len(sys.argv) > 3 else 250_000_000
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="?", type=int, default=6, help="runs (default: 6)")
+    parser.add_argument("format", nargs="?", default="raw", help="format (default: raw)")
+    parser.add_argument("params", nargs="?", type=model_size, default=250_000_000,
+                        help="model size, e.g. 250M (default)")
+    args = parser.parse_args()
+    if args.runs < 1:
+        parser.error("runs must be positive")
+    runs, fmt, params = args.runs, args.format, args.params
     ctx = mp.get_context("spawn")
     got, raw = [], []
     for i in range(runs):

@@ -18,7 +18,7 @@ import multiprocessing as mp
 from .. import quant
 from .bench._timing import format_table
 from ..quant.formats import parse_format_list
-from .synthetic import parse_size
+from .synthetic import model_size
 
 DESCRIPTION = ("Send a built-in synthetic Llama-shaped state dict from a sender process to a "
                "receiver process over loopback, once per format, and print wire size, speed, "
@@ -34,7 +34,7 @@ DEFAULT_FORMATS = "fp32,fp16,bf16,blockwise8,fp4,nf4"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", type=parse_size, default="25M",
+    parser.add_argument("--params", type=model_size, default="25M",
                         help="model size in parameters, e.g. 25M, 1.5G (default: 25M)")
     parser.add_argument("--formats", default=DEFAULT_FORMATS,
                         help="comma-separated formats; fp32 sends tensors as they are; "

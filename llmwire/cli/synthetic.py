@@ -25,10 +25,14 @@ def _mlp_width(hidden: int) -> int:
     return max(64, (8 * hidden // 3 + 63) // 64 * 64)
 
 
+#: the smallest synthetic model (one layer of the narrowest width)
+MIN_PARAMS = 10_000
+
+
 def llama_shapes(params: int) -> dict[str, tuple[int, ...]]:
     """Names and shapes of a Llama-like model with about ``params`` parameters."""
-    if params < 10_000:
-        raise LlmwireError(f"--params must be at least 10000, got {params}")
+    if params < MIN_PARAMS:
+        raise LlmwireError(f"--params must be at least {MIN_PARAMS}, got {params}")
     hidden = _WIDTHS[0]
     for width in _WIDTHS:
         vocab = min(32000, max(256, params // (8 * width)))
@@ -145,3 +149,17 @@ def parse_size(text: str | int) -> int:
     if suffix not in _SUFFIXES or value < 0:
         raise ValueError(f"not a size: {text!r} (use e.g. 100M, 1.5G, 512MiB)")
     return int(value * _SUFFIXES[suffix])
+
+
+def model_size(text: str | int) -> int:
+    """An argparse type: :func:`parse_size`, at least :data:`MIN_PARAMS`
+    (a usage error, exit 2, before any process starts)."""
+    import argparse
+
+    try:
+        value = parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value < MIN_PARAMS:
+        raise argparse.ArgumentTypeError(f"at least {MIN_PARAMS} parameters, not {text!r}")
+    return value

@@ -15,7 +15,7 @@ loop. The primitives of a round are:
   verified (:class:`Aggregator`).
 """
 
-from .aggregate import Aggregate, AggregationError, Aggregator, Upload
+from .aggregate import Aggregate, AggregationError, Aggregator, Upload, UploadStalled
 from .broadcast import DEFAULT_WINDOW, BroadcastResult, PeerResult, broadcast_planned
 from .exchange import (
     Diverged, UpdateResult, announce, broadcast_state, broadcast_update, read_announce,
@@ -23,14 +23,14 @@ from .exchange import (
 )
 from .feedback import ErrorFeedback
 from .reference import Reference, state_digest
-from .sinks import AccumulateSink, ApplySink, ReferenceMismatch
+from .sinks import AccumulateSink, ApplySink, NonFiniteUpdate, ReferenceMismatch
 from .update import add_into, plan_delta, plan_increment
 
 __all__ = [
     "Reference", "state_digest", "ErrorFeedback",
     "plan_delta", "plan_increment", "add_into",
-    "ApplySink", "AccumulateSink", "ReferenceMismatch",
-    "Aggregator", "Aggregate", "Upload", "AggregationError",
+    "ApplySink", "AccumulateSink", "ReferenceMismatch", "NonFiniteUpdate",
+    "Aggregator", "Aggregate", "Upload", "AggregationError", "UploadStalled",
     "broadcast_planned", "broadcast_update", "broadcast_state", "BroadcastResult",
     "PeerResult", "DEFAULT_WINDOW",
     "send_update", "receive_update", "UpdateResult", "Diverged", "announce", "read_announce",

@@ -30,6 +30,7 @@ time (page cache, released as each verifies).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import tempfile
@@ -41,7 +42,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import (
-    ConnectionClosed, IntegrityError, ManifestError, PayloadError,
+    ConnectionClosed, IntegrityError, LlmwireError, ManifestError, PayloadError,
     PayloadRefused,
 )
 from ..payloads.reader import SpooledStream, TeeStream
@@ -51,7 +52,18 @@ from ..transport.base import RecvStream, Transport
 from .reference import Reference
 from .sinks import AccumulateSink, float_sums
 
-__all__ = ["Aggregator", "Upload", "Aggregate", "AggregationError"]
+__all__ = ["Aggregator", "Upload", "Aggregate", "AggregationError", "UploadStalled", "MAX_WEIGHT",
+           "MAX_CLIENT_NAME"]
+
+#: the largest FedAvg weight an upload may carry (e.g. a sample count)
+MAX_WEIGHT = 1e15
+#: the longest client name an upload may carry
+MAX_CLIENT_NAME = 256
+
+
+class UploadStalled(PayloadError):
+    """An upload brought no byte for the aggregator's ``progress_timeout``: it
+    is given up (its slices taken back out) and its slot goes to the next."""
 
 
 class AggregationError(PayloadError):
@@ -98,9 +110,13 @@ class Aggregator:
 
     def __init__(self, state: Mapping[str, Any], reference: Reference, *,
                  dtype: str = "float32", spool_dir: str | os.PathLike[str] | None = None,
-                 max_upload_bytes: int | None = None, concurrency: int = 2) -> None:
+                 max_upload_bytes: int | None = None, concurrency: int = 2,
+                 progress_timeout: float | None = None) -> None:
         if not isinstance(concurrency, int) or concurrency < 1:
             raise PayloadError(f"concurrency must be a positive int, not {concurrency!r}")
+        if progress_timeout is not None and not progress_timeout > 0:
+            raise PayloadError(f"progress_timeout must be positive, not {progress_timeout!r}")
+        self.progress_timeout = progress_timeout
         self.state, self.reference = state, reference
         self.sums = float_sums(state, dtype)  # zero pages, touched now: RSS up front
         self.dtype = dtype
@@ -134,27 +150,43 @@ class Aggregator:
         key = header.get("id")
         try:
             who, weight = self._admit(header, client, weight)
-        except PayloadRefused as exc:
+        except (PayloadRefused, AggregationError) as exc:
             await refuse_stream(stream, exc, transport=answer)
             raise
         self._busy.add(who)
-        log = tempfile.TemporaryFile(dir=self.spool_dir)
         sink = AccumulateSink(self.sums, weight, state=self.state, reference=self.reference,
                               locks=self._locks)
-        tee = TeeStream(stream, log.fileno())
+        log = None
         try:
             try:
+                try:
+                    log = tempfile.TemporaryFile(dir=self.spool_dir)
+                except OSError as exc:
+                    raise PayloadError(f"the aggregator cannot spool an upload in "
+                                       f"{self.spool_dir or tempfile.gettempdir()}: "
+                                       f"{exc.strerror or exc}") from exc
+                tee = TeeStream(stream, log.fileno())
                 async with self._slots:  # the others wait, unread: flow control holds them
-                    async for _ in _receive(tee, sink, self.max_upload_bytes, None, None):
-                        pass
+                    await self._read(tee, sink, who)
             except BaseException as exc:
-                if not isinstance(exc, ConnectionClosed) and isinstance(key, str):
-                    await reply_quietly(answer, VERDICT_FAILED, id=key, **failure_fields(exc))
-                if sink.added:  # runs to its end even if we are cancelled meanwhile
-                    await _to_the_end(self._undo(log.fileno(), tee, sink, weight, exc))
+                # The undo starts first and runs to its end whatever cancels us
+                # meanwhile; the client hears why while it runs.
+                undo = asyncio.ensure_future(self._undo(log.fileno(), tee, sink, weight, exc)) \
+                    if sink.added and log is not None else None
+                try:
+                    if not isinstance(exc, ConnectionClosed) and isinstance(key, str):
+                        if log is None:  # not even a spool: the stream was never read
+                            await refuse_stream(stream, exc, transport=answer)
+                        else:
+                            await reply_quietly(answer, VERDICT_FAILED, id=key,
+                                                **failure_fields(exc))
+                finally:
+                    if undo is not None:
+                        await _to_the_end(undo)
                 raise
         finally:
-            log.close()
+            if log is not None:
+                log.close()
             self._busy.discard(who)
         self.clients[who] = weight
         self.weight += weight
@@ -164,6 +196,34 @@ class Aggregator:
             await reply_quietly(answer, VERDICT_OK, id=key,
                                 receipt={"round": self.round, "client": who, "weight": weight})
         return upload
+
+    async def _read(self, tee: TeeStream, sink: AccumulateSink, who: str) -> None:
+        """Read and add the whole upload; with a progress timeout, give up on
+        one that brings no byte for that long (its slot goes to the next)."""
+        async def consume() -> None:
+            async for _ in _receive(tee, sink, self.max_upload_bytes, None, None):
+                pass
+
+        if self.progress_timeout is None:
+            await consume()
+            return
+        work = asyncio.ensure_future(consume())
+        loop = asyncio.get_running_loop()
+        last, since = tee.written, loop.time()
+        try:
+            while not work.done():
+                await asyncio.wait({work}, timeout=self.progress_timeout / 4)
+                if tee.written != last:
+                    last, since = tee.written, loop.time()
+                elif not work.done() and loop.time() - since >= self.progress_timeout:
+                    raise UploadStalled(f"client {who!r}: no byte of its upload for "
+                                        f"{self.progress_timeout:g} s")
+            work.result()
+        finally:
+            if not work.done():
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError, LlmwireError):
+                    await work
 
     async def _undo(self, fd: int, tee: TeeStream, sink: AccumulateSink, weight: float,
                     cause: BaseException) -> None:
@@ -187,12 +247,14 @@ class Aggregator:
                                  "stream", "ManifestError")
         self._check_usable()
         who = client if client is not None else header.get("client")
-        if not isinstance(who, str) or not who:
-            raise PayloadRefused("an update must name its client", "PayloadRefused")
+        if not isinstance(who, str) or not who or len(who) > MAX_CLIENT_NAME:
+            raise PayloadRefused(f"an update must name its client (1 to {MAX_CLIENT_NAME} "
+                                 "characters)", "PayloadRefused")
         weight = header.get("weight", 1.0) if weight is None else weight
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
-                or not math.isfinite(weight) or weight <= 0:
-            raise PayloadRefused(f"client {who!r}: weight {weight!r} is not a positive number")
+                or not math.isfinite(weight) or not 0 < weight <= MAX_WEIGHT:
+            raise PayloadRefused(f"client {who!r}: weight {weight!r} is not a positive number "
+                                 f"up to {MAX_WEIGHT:g}")
         round_ = header.get("round")
         if round_ != self.round:
             raise PayloadRefused(f"client {who!r}: a stale update, for round {round_!r}; this "

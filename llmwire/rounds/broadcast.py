@@ -12,9 +12,11 @@ A slow peer therefore holds the others back, never unboundedly:
 
 - ``policy="wait"`` (the default): the others wait for it, ``window`` slices
   ahead at most;
-- ``policy="drop"``: a peer that has not finished sending a slice for
-  ``progress_timeout`` seconds while holding the others back is dropped (its
-  stream cancelled; its result says ``dropped``), and the rest go on.
+- ``policy="drop"``: a peer stuck for ``progress_timeout`` seconds — a
+  slice it has not finished sending, or, once all is sent, a verdict it has
+  not given — is dropped (its stream cancelled; its result says
+  ``dropped``), and the rest go on. Under ``wait`` a peer that never answers
+  holds the broadcast for ever: use ``drop`` with peers you do not trust.
 
 A peer that fails (disconnects, refuses) leaves the broadcast; the others are
 not disturbed. The result says, per peer, what landed. Encoding always runs
@@ -139,9 +141,11 @@ async def broadcast_planned(transports: Sequence[Transport], manifest: Manifest,
 
     async def run_peer(peer: _Peer) -> None:
         try:
+            peer.busy_since = time.monotonic()
             peer.stream = await peer.transport.open_stream(
                 {**(header or {}), "kind": STREAM_KIND, "id": peer.key})
             await peer.stream.send(prefix)
+            peer.busy_since = None
             while True:
                 item = await peer.queue.get()
                 if item is _END:
@@ -153,8 +157,10 @@ async def broadcast_planned(transports: Sequence[Transport], manifest: Manifest,
                     peer.busy_since = None
                     done_with(item)
                 peer.sent += len(item.data)
+            peer.busy_since = time.monotonic()  # a peer that never answers is stuck too
             await peer.stream.end()
             verdict = await _receive_verdict(peer.transport, peer.key)
+            peer.busy_since = None
             if verdict["kind"] != VERDICT_OK:
                 _raise_verdict(verdict, None, peer.stream.stream_id, None)
             receipt = verdict.get("receipt")

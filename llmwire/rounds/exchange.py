@@ -25,7 +25,9 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
-from ..errors import PayloadError, PayloadRefused
+import numpy as np
+
+from ..errors import NonFiniteError, PayloadError, PayloadRefused
 from ..payloads.sinks import InPlaceSink
 from ..payloads.statedict import (
     DEFAULT_SLICE_BYTES, _accept, _answer_on, _receive, plan_state_dict, send_planned,
@@ -93,7 +95,7 @@ async def send_update(transport: Transport, state: Mapping[str, Any],
 
 
 async def receive_update(source: Transport | RecvStream, state: Mapping[str, Any],
-                         have: Reference | None, *,
+                         have: Reference | None, *, feedback: ErrorFeedback | None = None,
                          transport: Transport | None = None) -> Reference:
     """Receive the round's global into ``state``, in place: an update of
     ``have`` (the reference ``state`` holds), or whole weights. Returns the
@@ -101,15 +103,21 @@ async def receive_update(source: Transport | RecvStream, state: Mapping[str, Any
 
     An update of another reference is refused before anything is touched
     (:class:`~llmwire.rounds.ReferenceMismatch`: ask for whole weights); one
-    that fails midway leaves ``state`` matching no reference.
+    that fails midway leaves ``state`` matching no reference. ``feedback``:
+    this client's error feedback, reset when whole weights replace its
+    reference (its residuals belong to the old chain of updates).
     """
     stream = await _accept(source)
     answer = _answer_on(source, stream, transport)
     round_ = stream.header.get("round")
     probe = _Probe(state, have, round_)
     outcome: dict[str, Any] = {}
-    async for _ in _receive(stream, probe, None, None, answer, outcome):
-        pass
+    try:
+        async for _ in _receive(stream, probe, None, None, answer, outcome):
+            pass
+    finally:
+        if feedback is not None and probe.whole is not None:
+            feedback.reset()  # landed or not, the old chain is gone
     return outcome["result"]
 
 
@@ -162,7 +170,15 @@ async def broadcast_update(transports: Sequence[Transport], update: Mapping[str,
     results and, in ``reference``, the new global's reference (round + 1);
     a peer that landed it but reports another digest is marked failed
     (:class:`Diverged`). With ``feedback``, the broadcast's residual carries
-    what quantization dropped into the next round's update."""
+    what quantization dropped into the next round's update.
+
+    With ``nonfinite="raise"`` a non-finite value in ``update`` raises
+    :class:`~llmwire.NonFiniteError` before anything is sent or applied. Any
+    other error while encoding (the thread pool failing, memory) leaves
+    ``state`` partly updated, matching no reference: re-send whole weights
+    (:func:`broadcast_state`) after fixing it."""
+    if nonfinite == "raise":
+        _check_finite(update)
     manifest, views = plan_increment(update, state, fmt, reference=reference,
                                      feedback=feedback, apply_to=state, overrides=overrides,
                                      min_elements=min_elements, block_size=block_size,
@@ -179,6 +195,24 @@ async def broadcast_update(transports: Sequence[Transport], update: Mapping[str,
                 f"the server {new.digest!r}"))
         peers.append(peer)
     return replace(result, peers=peers, reference=new)
+
+
+def _check_finite(update: Mapping[str, Any]) -> None:
+    """Raise before anything is applied."""
+    from ..tensors import view_tensor
+
+    for name, tensor in update.items():
+        view = view_tensor(tensor)
+        if not view.numel or view.flat is None:
+            continue
+        if view.dtype == "bfloat16":  # bit patterns: an all-ones exponent is NaN or inf
+            bad = int(np.count_nonzero((view.flat & 0x7F80) == 0x7F80))
+        elif view.dtype in ("float16", "float32", "float64"):
+            bad = view.flat.size - int(np.count_nonzero(np.isfinite(view.flat)))
+        else:
+            continue
+        if bad:
+            raise NonFiniteError(bad, name)
 
 
 async def broadcast_state(transports: Sequence[Transport], state: Mapping[str, Any],

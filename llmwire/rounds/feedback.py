@@ -37,7 +37,8 @@ class ErrorFeedback:
             raise PayloadError(f"error feedback residuals are float32 or bfloat16, not {dtype!r}")
         self.dtype = dtype
         self._residuals: dict[Any, dict[str, np.ndarray]] = {}
-        self._nonzero: dict[Any, set[str]] = {}
+        #: per peer, per name: the starts of the slices whose residual is not zero
+        self._nonzero: dict[Any, dict[str, set[int]]] = {}
         self._lock = threading.Lock()
 
     def residual(self, peer: Any, name: str, numel: int) -> np.ndarray:
@@ -51,7 +52,7 @@ class ErrorFeedback:
 
     def is_zero(self, peer: Any, name: str) -> bool:
         """Whether ``name``'s residual for ``peer`` holds nothing."""
-        return name not in self._nonzero.get(peer, ())
+        return not self._nonzero.get(peer, {}).get(name)
 
     def add_into(self, peer: Any, name: str, start: int, values: np.ndarray) -> None:
         """``values += residual[start:...]`` (float32 ``values``)."""
@@ -66,21 +67,29 @@ class ErrorFeedback:
     def store(self, peer: Any, name: str, numel: int, start: int, wanted: np.ndarray,
               restored: np.ndarray) -> None:
         """The residual of ``name``'s slice at ``start``: ``wanted - restored``
-        (both float32; ``restored`` is overwritten)."""
+        (both float32; ``restored`` is overwritten). A value that was not
+        finite (mapped by ``nonfinite="saturate"``) leaves no residual: it is
+        not carried into the next round."""
         np.subtract(wanted, restored, out=restored)
+        np.nan_to_num(restored, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
         residual = self.residual(peer, name, numel)[start:start + restored.size]
         if self.dtype == "float32":
             residual[...] = restored
         else:
             _kernels.cast_into(restored, "float32", residual, "bfloat16")
-        if restored.any():
-            with self._lock:
-                self._nonzero.setdefault(peer, set()).add(name)
+        with self._lock:
+            starts = self._nonzero.setdefault(peer, {}).setdefault(name, set())
+            if restored.any():
+                starts.add(start)
+            else:
+                starts.discard(start)
 
     def clear(self, peer: Any, name: str, start: int, count: int) -> None:
         """Nothing was dropped from ``name``'s slice at ``start``: zero its residual."""
         if not self.is_zero(peer, name):
             self._residuals[peer][name][start:start + count] = 0
+            with self._lock:
+                self._nonzero[peer][name].discard(start)
 
     def memory_bytes(self, peer: Any = None) -> int:
         """Bytes the residuals hold (of ``peer``, or all)."""

@@ -20,7 +20,22 @@ from ..tensors import DTYPES, TensorView, view_tensor
 from .reference import Reference, state_digest
 from .update import add_into
 
-__all__ = ["ApplySink", "AccumulateSink", "ReferenceMismatch", "check_update", "float_sums"]
+__all__ = ["ApplySink", "AccumulateSink", "ReferenceMismatch", "NonFiniteUpdate", "check_update",
+           "float_sums"]
+
+
+#: the largest |weight x value| a sum takes, by the sums' itemsize: float32
+#: sums then hold ~10^8 such terms, float64 ones ~10^8 too, before overflowing
+MAX_TERM = {4: 1e30, 8: 1e300}
+
+
+class NonFiniteUpdate(PayloadRefused):
+    """An upload holds a value that is not finite, or that times its weight
+    lies beyond :data:`MAX_TERM` (and could overflow the sums): refused before
+    it is added, and the slices of it already added are taken back out."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "NonFiniteUpdate")
 
 
 class ReferenceMismatch(PayloadRefused):
@@ -53,6 +68,15 @@ def check_update(manifest: Manifest, state: Mapping[str, Any], ours: Reference) 
             raise TargetMismatch(f"{entry.name!r}: the update is for {source.target_dtype} "
                                  f"{source.spec.shape}, the reference holds {view.dtype} "
                                  f"{view.shape}")
+        if entry.tied_to is not None and view.numel and \
+                not _same_storage(view, view_tensor(state[entry.tied_to])):
+            raise TargetMismatch(f"the update ties {entry.name!r} to {entry.tied_to!r}; in the "
+                                 "reference they are distinct tensors")
+
+
+def _same_storage(a: TensorView, b: TensorView) -> bool:
+    return a.flat is not None and b.flat is not None and a.numel == b.numel \
+        and a.flat.__array_interface__["data"][0] == b.flat.__array_interface__["data"][0]
 
 
 def _shared(views: dict[str, TensorView], manifest: Manifest) -> None:
@@ -160,6 +184,12 @@ class AccumulateSink(StateDictSink):
             check_update(manifest, self.state, self.reference)
         seen: dict[int, str] = {}
         for entry in manifest.entries:
+            if entry.tied_to is not None:  # one sum for both names, or none (not float)
+                if self.sums.get(entry.name) is not self.sums.get(entry.tied_to):
+                    raise PayloadRefused(f"the update ties {entry.name!r} to "
+                                         f"{entry.tied_to!r}; here they are distinct tensors",
+                                         "TargetMismatch")
+                continue
             if entry.mode == "value":
                 raise PayloadRefused(f"{entry.name!r} changed, and it is not a float tensor: "
                                      "integer and bool tensors must be equal in every update",
@@ -175,11 +205,17 @@ class AccumulateSink(StateDictSink):
         key = (entry.name, start)
         if self.only is not None and key not in self.only:
             return
-        values *= np.float32(self.weight)
         array = self.sums[entry.name]
+        # w x in the sums' dtype (float64 sums: exact). Bounded, so that no sum
+        # can overflow: an inf (or NaN) in a sum could not be taken back out.
+        scaled = np.multiply(values, self.weight, dtype=array.dtype)
+        limit = MAX_TERM[array.dtype.itemsize]
+        if scaled.size and not (scaled.max() <= limit and scaled.min() >= -limit):
+            raise NonFiniteUpdate(f"{entry.name!r}: the update holds values that are not finite "
+                                  f"or, times its weight {self.weight:g}, beyond +-{limit:g}")
         out = array[start:start + values.size]
         with self.locks[id(array)]:
-            np.add(out, values, out=out)
+            np.add(out, scaled, out=out)
             self.added.add(key)
 
     def tie(self, entry: Entry, source: Entry) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Iterable
 
-__all__ = ["ChildFailed", "ChildSilent", "expect", "guard", "reap"]
+__all__ = ["ChildFailed", "ChildSilent", "expect", "guard", "reap", "raise_client_failure"]
 
 
 def expect(conn: Any, kind: str, timeout: float = 900.0, process: Any = None,
@@ -81,3 +81,13 @@ def reap(processes: Iterable[Any], wait: float) -> None:
         if process.is_alive():
             process.terminate()
             process.join(5)
+
+
+def raise_client_failure(pipes: Iterable[Any], names: Iterable[str]) -> None:
+    """When the server only saw a client go (a collateral failure), raise the
+    failure a client reported, if one did within a second."""
+    for pipe, name in zip(pipes, names):
+        if pipe.poll(1.0):
+            kind, value = pipe.recv()
+            if kind == "failed":
+                raise ChildFailed(f"client {name} failed: {value[0]}", value[1])

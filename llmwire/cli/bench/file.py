@@ -44,8 +44,9 @@ SECRET = b"bench-file"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the bench's options to ``parser``."""
-    parser.add_argument("--size", type=parse_size, default=1 << 30,
-                        help="file size, e.g. 1GiB, 500MB (default: 1GiB)")
+    parser.add_argument("--size", type=parse_size, default=2 << 30,
+                        help="file size, e.g. 1GiB, 500MB (default: 2GiB, as "
+                             "tools/measure_file_transfer.py had)")
     parser.add_argument("--runs", type=int, default=3, help="runs of each kind (default: 3)")
     parser.add_argument("--chunk", type=int, default=4 * MiB,
                         help="raw sockets' buffer (default: 4 MiB)")

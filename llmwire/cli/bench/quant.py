@@ -11,7 +11,7 @@ from typing import Any
 
 from ... import quant
 from ...quant.formats import parse_format_list
-from ..synthetic import DISTRIBUTIONS, llama_state_dict, parse_size
+from ..synthetic import DISTRIBUTIONS, llama_state_dict, model_size
 from ...tensors import torch_module
 from ._timing import format_table, median_seconds
 
@@ -19,7 +19,7 @@ ALL_FORMATS = ("fp16", "bf16", "blockwise8", "fp4", "nf4")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", default="100M", type=parse_size,
+    parser.add_argument("--params", default="100M", type=model_size,
                         help="model size in parameters (default: 100M)")
     parser.add_argument("--formats", default=",".join(ALL_FORMATS),
                         help="comma-separated formats (default: %(default)s); "

@@ -36,8 +36,8 @@ import time
 from typing import Any
 
 from ...quant.formats import parse_format_list
-from ..synthetic import parse_size
-from ._procs import ChildFailed, expect, guard, reap
+from ..synthetic import model_size
+from ._procs import ChildFailed, expect, guard, raise_client_failure, reap
 from ._rss import RssSampler
 from ._timing import format_table
 from .wire import accept_one
@@ -56,7 +56,7 @@ SERVER_WINDOW = 4 * MIB
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the bench's options to ``parser``."""
     parser.add_argument("--clients", type=int, default=4, help="client processes (default: 4)")
-    parser.add_argument("--params", type=parse_size, default=25_000_000,
+    parser.add_argument("--params", type=model_size, default=25_000_000,
                         help="model size in parameters, e.g. 25M, 250M (default: 25M)")
     parser.add_argument("--formats", default="raw,nf4",
                         help="comma-separated formats for both directions (default: raw,nf4; "
@@ -366,7 +366,7 @@ def _one_format(ctx: Any, n: int, params: int, fmt: str, rounds_: int, feedback:
             error = expect(sparent, "error", 1800, server, "the server")
         except ChildFailed as exc:
             if exc.collateral:  # the server only saw a client go: say why the client went
-                _raise_client_failure(pipes)
+                raise_client_failure(pipes, range(len(pipes)))
             raise
         peaks = {name: (t.peak(start) - t.at(start)) / MIB for name, t in sampler.timelines.items()}
         last = per_round[-1]
@@ -379,14 +379,6 @@ def _one_format(ctx: Any, n: int, params: int, fmt: str, rounds_: int, feedback:
                 "max_abs_err": error}
     finally:
         reap([*clients, server], 60)
-
-
-def _raise_client_failure(pipes: list[Any]) -> None:
-    for i, pipe in enumerate(pipes):
-        if pipe.poll(1.0):
-            kind, value = pipe.recv()
-            if kind == "failed":
-                raise ChildFailed(f"client {i} failed: {value[0]}", value[1])
 
 
 def measure(n: int, params: int, formats: list[str], rounds_: int, feedback: bool = False,
@@ -415,7 +407,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"llmwire bench round: {exc}", file=sys.stderr)
         return 2
-    if any(nested for _, _, nested in parsed) or not parsed:
+    if not parsed:
+        print("llmwire bench round: --formats names no format", file=sys.stderr)
+        return 2
+    if any(nested for _, _, nested in parsed):
         print("llmwire bench round: --formats takes format names (no +nested)",
               file=sys.stderr)
         return 2

@@ -29,7 +29,7 @@ import tempfile
 import time
 from typing import Any
 
-from ..synthetic import parse_size
+from ..synthetic import model_size
 from ._procs import expect, reap
 from ._rss import RssSampler
 from ._timing import format_table
@@ -41,7 +41,7 @@ RECEIVERS = ("memory", "inplace", "safetensors")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", type=parse_size, default="250M",
+    parser.add_argument("--params", type=model_size, default="250M",
                         help="model size in parameters (default: 250M, 1 GB in fp32)")
     parser.add_argument("--formats", default="raw,nf4",
                         help="comma-separated formats (raw = fp32 as is; default: %(default)s)")
