@@ -29,7 +29,7 @@ from .common import (
 __all__ = ["main", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_CONNECTION", "EXIT_AUTH",
            "EXIT_REFUSED", "EXIT_INTEGRITY", "EXIT_INTERRUPTED", "EXIT_TERMINATED"]
 
-_BENCHES = ("quant", "wire", "stream", "file", "round")
+_BENCHES = ("quant", "wire", "stream", "file", "round", "learn")
 
 _EPILOG = """\
 examples:
@@ -41,6 +41,7 @@ examples:
   llmwire demo --params 100M --formats nf4,fp16
   llmwire bench quant --params 100M     speed, size and error of each format
   llmwire bench quant --json            the same as one JSON list
+  llmwire bench learn --plot learn.png  does FedAvg still learn with nf4 updates? (tiny model)
   llmwire profile --plot mem.png        memory of each transfer mode, sender and receiver
   llmwire profile --sizes 0.25,0.5,1 --sweep-plot sweep.png
                                         peak memory against model size, per mode
@@ -120,10 +121,11 @@ def _build_parser() -> argparse.ArgumentParser:
         description=profile.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     profile.add_arguments(profile_parser)
 
-    bench = commands.add_parser("bench", help="benchmarks (quant, wire, stream, file, round)",
+    bench = commands.add_parser("bench", help="benchmarks (quant, wire, stream, file, round, "
+                                              "learn)",
                                 description="Benchmarks; each prints medians of repeated runs "
                                             "and ratios against a baseline measured in the "
-                                            "same run.")
+                                            "same run (learn: held-out loss against fp32's).")
     kinds = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
     for name, module in _bench_modules().items():
         doc = (module.__doc__ or "").strip().splitlines()[0]
