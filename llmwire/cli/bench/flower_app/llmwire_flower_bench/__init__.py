@@ -1,0 +1,1 @@
+"""The Flower app that ``llmwire bench flower`` runs (one app, four modes)."""

@@ -1,0 +1,146 @@
+"""A client's copy of the last global it received, on disk.
+
+Flower starts a fresh ClientApp process for every message, so the global a
+client holds between rounds lives in a file: a ``.safetensors`` file whose
+metadata names its reference (round and digest) and the run it belongs to.
+It is written whole to ``<path>.part`` and renamed into place, so a file
+under the final name is always a complete global; it is read with ``pread``
+(the pages stay in the page cache, not in the process): the client holds
+one model in memory, its own, while it computes ``local - global``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from ...checkpoints import Checkpoint, open_checkpoint
+from ...errors import CheckpointError, TargetMismatch
+from ...payloads.landing import pwrite_all
+from ...payloads.sinks import SAFETENSORS_DTYPES
+from ...rounds.reference import Reference
+from ...tensors import view_tensor
+
+__all__ = ["GlobalCache"]
+
+_CHUNK = 1 << 24
+
+
+class GlobalCache:
+    """The global of run ``run`` as this client last received it, at ``path``."""
+
+    def __init__(self, path: str | os.PathLike[str], run: str) -> None:
+        self.path, self.run = Path(path), str(run)
+
+    def reference(self) -> Reference | None:
+        """The reference the file holds for this run, or None (no file, another
+        run, unreadable)."""
+        try:
+            with open_checkpoint(self.path, "safetensors") as ckpt:
+                return self._reference_of(ckpt)
+        except (OSError, CheckpointError):
+            return None
+
+    def _reference_of(self, ckpt: Checkpoint) -> Reference | None:
+        meta = ckpt.metadata
+        if meta.get("llmwire-run") != self.run:
+            return None
+        try:
+            return Reference(int(meta["llmwire-round"]), meta["llmwire-digest"])
+        except (KeyError, ValueError):
+            return None
+
+    def load_into(self, state: Mapping[str, Any]) -> Reference | None:
+        """Read the cached global into ``state``'s tensors, in place; its
+        reference, or None (and ``state`` untouched) when there is none that
+        fits ``state``."""
+        try:
+            ckpt = open_checkpoint(self.path, "safetensors")
+        except (OSError, CheckpointError):
+            return None
+        with ckpt:
+            ref = self._reference_of(ckpt)
+            if ref is None or set(ckpt) != set(state):
+                return None
+            views = {}
+            for name, tensor in ckpt.items():
+                view = view_tensor(state[name])
+                if (view.dtype, view.shape) != (tensor.dtype, tensor.shape) or view.flat is None:
+                    return None
+                views[name] = (view, view_tensor(tensor))
+            for view, cached in views.values():
+                flat = view.flat.view(np.uint8)
+                step = _CHUNK // max(1, view.flat.itemsize)
+                for start in range(0, view.numel, step):
+                    stop = min(view.numel, start + step)
+                    size = view.flat.itemsize
+                    cached.slice(start, stop, flat[start * size:stop * size])
+        return ref
+
+    def open(self) -> Checkpoint:
+        """The cached global, opened lazily (the base of an update)."""
+        return open_checkpoint(self.path, "safetensors")
+
+    def store(self, state: Mapping[str, Any], ref: Reference) -> None:
+        """Write ``state`` as this run's global ``ref``: to ``.part``, then renamed."""
+        header: dict[str, Any] = {"__metadata__": {
+            "llmwire-run": self.run, "llmwire-round": str(ref.round),
+            "llmwire-digest": ref.digest}}
+        position, views = 0, []
+        for name, tensor in state.items():
+            view = view_tensor(tensor)
+            if view.flat is None:
+                raise TargetMismatch(f"{name!r}: not a contiguous tensor")
+            size = view.flat.nbytes
+            header[name] = {"dtype": SAFETENSORS_DTYPES[view.dtype], "shape": list(view.shape),
+                            "data_offsets": [position, position + size]}
+            views.append((position, view.flat))
+            position += size
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        start = 8 + len(encoded)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        part = self.path.with_name(self.path.name + ".part")
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     0o600)
+        try:
+            pwrite_all(fd, len(encoded).to_bytes(8, "little") + encoded, 0)
+            for offset, flat in views:
+                data = flat.view(np.uint8)
+                for at in range(0, data.size, _CHUNK):
+                    pwrite_all(fd, data[at:at + _CHUNK], start + offset + at)
+        except BaseException:
+            os.close(fd)
+            part.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.replace(part, self.path)
+        self.prune()
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def prune(self, older_than: float = 3600.0) -> int:
+        """Delete the cached globals of other runs in this directory that were
+        not written for ``older_than`` seconds (node ids change with every
+        deployment, so their files would pile up); returns how many."""
+        removed, now = 0, time.time()
+        for other in self.path.parent.glob("node-*.safetensors"):
+            if other == self.path:
+                continue
+            try:
+                if now - other.stat().st_mtime < older_than:
+                    continue
+                with open_checkpoint(other, "safetensors") as ckpt:
+                    if ckpt.metadata.get("llmwire-run") == self.run:
+                        continue
+                other.unlink()
+                removed += 1
+            except (OSError, CheckpointError):
+                continue
+        return removed
