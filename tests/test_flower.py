@@ -142,7 +142,7 @@ def test_non_finite_values_are_refused_by_the_encoder_and_the_fold():
     good["head.weight"] += 1
     folder.add(lf.encode_update(good, base, "raw"), 1.0)
     before = {k: v.copy() for k, v in folder.sums.items()}
-    with pytest.raises(NonFiniteError):
+    with pytest.raises(PayloadError, match="not finite"):
         folder.add(update, 1.0)
     for name in before:  # nothing of the bad update stayed in
         assert np.array_equal(folder.sums[name], before[name]), name
@@ -331,7 +331,12 @@ def test_out_of_band_refuses_a_node_the_round_does_not_expect(tmp_path):
     with serving(global_, 1, gather_timeout=1) as strategy:
         [msg] = strategy.configure_train(1, None, ConfigRecord(), Grid(1))
         state = {k: torch.zeros_like(v) for k, v in model().items()}
-        with lf.OutOfBandClient(msg, Context(99), state, cache_dir=tmp_path) as link:
+        with pytest.raises(lf.FlowerLinkError, match="is for node"):
+            lf.OutOfBandClient(msg, Context(99), state, cache_dir=tmp_path)
+        stray = Message(RecordDict(dict(msg.content.items())), dst_node_id=99,
+                        message_type=MessageType.TRAIN)
+        stray.content[lf.META] = ConfigRecord({**dict(msg.content[lf.META]), "node": 99})
+        with lf.OutOfBandClient(stray, Context(99), state, cache_dir=tmp_path) as link:
             with pytest.raises(lf.FlowerLinkError, match="not expected"):
                 link.pull()
 
@@ -355,7 +360,7 @@ def test_the_client_cache_round_trips_and_forgets_other_runs(tmp_path):
     from llmwire.rounds import Reference
 
     state = model()
-    cache = GlobalCache(tmp_path / "node-1.safetensors", "run-a")
+    cache = GlobalCache(tmp_path, "runa", 1)
     assert cache.reference() is None and cache.load_into(state) is None
     ref = Reference.of(state, 3)
     cache.store(state, ref)
@@ -363,14 +368,71 @@ def test_the_client_cache_round_trips_and_forgets_other_runs(tmp_path):
     out = {k: torch.zeros_like(v) for k, v in state.items()}
     assert cache.load_into(out) == ref == cache.reference()
     assert all(torch.equal(out[k], state[k]) for k in state)
-    assert GlobalCache(cache.path, "run-b").load_into(out) is None  # another run's global
+    other = GlobalCache(tmp_path, "runb", 1)
+    assert other.path != cache.path and other.load_into(out) is None  # another run's
     wrong = {**out, "extra": torch.zeros(3)}
     assert cache.load_into(wrong) is None  # does not fit: untouched
-    old = GlobalCache(tmp_path / "node-2.safetensors", "run-old")
+    old = GlobalCache(tmp_path, "runold", 2)
     old.store(state, ref)
-    keep = GlobalCache(tmp_path / "node-3.safetensors", "run-a")
+    keep = GlobalCache(tmp_path, "runa", 3)
     keep.store(state, ref)
     for path in (old.path, keep.path):
         os.utime(path, (1, 1))
     assert cache.prune() == 1
     assert not old.path.exists() and keep.path.exists() and cache.path.exists()
+
+
+def test_a_damaged_cache_is_never_taken_for_the_global(tmp_path):
+    from llmwire.integrations.flower.cache import GlobalCache
+    from llmwire.rounds import Reference
+
+    state = model()
+    cache = GlobalCache(tmp_path, "runa", 1)
+    cache.store(state, Reference.of(state, 1))
+    with open(cache.path, "r+b") as f:  # 16 bytes of the data zeroed on disk
+        f.seek(-4096, 2)
+        f.write(bytes(16))
+    assert cache.load_into({k: torch.zeros_like(v) for k, v in state.items()}) is None
+    assert not cache.path.exists()
+
+
+def test_a_reply_failing_in_its_second_slice_leaves_nothing_in_the_sums():
+    big = {"a": torch.zeros((1 << 20) + 1000), "b": torch.zeros(10)}
+    base = lf.encode_state(big, "raw")
+    good = {"a": torch.full_like(big["a"], 0.001), "b": torch.full_like(big["b"], 0.001)}
+    bad = {k: v.clone() for k, v in good.items()}
+    bad["a"][-5] = 1e31  # beyond the limit, in the second slice of "a"
+    huge = {k: v.clone() for k, v in good.items()}
+    huge["a"] += 1e29  # finite, but it would swamp the others' float32 sums
+    huge["b"][0] = float("nan")
+    folder = Folder(big)
+    folder.add(lf.encode_update(good, base, "raw"), 1.0)
+    for poisoned in (bad, huge):
+        with pytest.raises(PayloadError):
+            folder.add(lf.encode_update(poisoned, base, "raw"), 1.0)
+    out = {k: v.clone() for k, v in big.items()}
+    folder.apply_mean(out)
+    assert torch.allclose(out["a"], good["a"]) and torch.allclose(out["b"], good["b"])
+
+
+def test_tied_tensors_are_refused_before_any_round():
+    shared = torch.randn(64, 32)
+    tied = {"embed.weight": shared, "lm_head.weight": shared, "norm": torch.ones(32)}
+    with pytest.raises(llmwire.TargetMismatch, match="share one tensor"):
+        lf.QuantizedFedAvg(tied)
+    with pytest.raises(llmwire.TargetMismatch, match="share one tensor"):
+        lf.OutOfBandFedAvg(tied)
+
+
+def test_out_of_band_a_client_cannot_speak_for_another_node(tmp_path):
+    global_ = model()
+    with serving(global_, 2, gather_timeout=1) as strategy:
+        first, second = strategy.configure_train(1, None, ConfigRecord(), Grid(2))
+        assert first.content is not second.content  # each node's message is its own
+        forged = Message(RecordDict(dict(first.content.items())), dst_node_id=2,
+                         message_type=MessageType.TRAIN)
+        forged.content[lf.META] = ConfigRecord({**dict(first.content[lf.META]), "node": 2})
+        state = {k: torch.zeros_like(v) for k, v in model().items()}
+        with lf.OutOfBandClient(forged, Context(2), state, cache_dir=tmp_path) as link:
+            with pytest.raises(lf.FlowerLinkError, match="token"):
+                link.pull()

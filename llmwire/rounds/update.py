@@ -106,13 +106,16 @@ class DeltaView:
         out = (scratch[:count * 4].view(np.float32) if scratch is not None
                else np.empty(count, np.float32))
         source = self.source.slice(start, stop)
-        if self.base is not None and self.source.dtype == self.base.dtype == "float32":
-            np.subtract(source, self.base.slice(start, stop), out=out)  # one pass
+        base = None
+        if self.base is not None:  # a file's base is read into a reused buffer, not a new one
+            held = _scratch(-(-count * DTYPES[self.base.dtype].itemsize // 4), slot=3)
+            base = self.base.slice(start, stop, held.view(np.uint8))
+        if base is not None and self.source.dtype == self.base.dtype == "float32":
+            np.subtract(source, base, out=out)  # one pass
         else:
             _to_float32(source, self.source.dtype, out)
-            if self.base is not None:
-                out -= _to_float32(self.base.slice(start, stop), self.base.dtype,
-                                   _scratch(count, slot=2))
+            if base is not None:
+                out -= _to_float32(base, self.base.dtype, _scratch(count, slot=2))
         if self.feedback is not None:
             self.feedback.add_into(self.peer, self.name, start, out)
         return out
@@ -142,9 +145,16 @@ def _blocks(view: TensorView) -> Any:
 
 
 def _equal(a: TensorView, b: TensorView) -> bool:
-    """Bit for bit (``-0.0`` differs from ``0.0``, NaN payloads count)."""
-    return all(np.array_equal(a.slice(s, e).view(np.uint8), b.slice(s, e).view(np.uint8))
-               for s, e in _blocks(a))
+    """Bit for bit (``-0.0`` differs from ``0.0``, NaN payloads count). A
+    view that reads a file reads into reused buffers, not a new one per block."""
+    size = DTYPES[a.dtype].itemsize
+    for s, e in _blocks(a):
+        count = -(-(e - s) * size // 4)
+        left = a.slice(s, e, _scratch(count, slot=4).view(np.uint8))
+        right = b.slice(s, e, _scratch(count, slot=5).view(np.uint8))
+        if not np.array_equal(left.view(np.uint8), right.view(np.uint8)):
+            return False
+    return True
 
 
 def _all_zero(view: TensorView) -> bool:

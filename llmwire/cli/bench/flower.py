@@ -294,12 +294,10 @@ class Deployment:
     def stop(self) -> None:
         """SIGTERM every process started and every process below them (the
         SuperExecs run in sessions of their own), then SIGKILL what is left."""
-        below = descendants([p.pid for p in self.processes if p.poll() is None])
+        below = {pid: _started(pid) for pid in
+                 descendants([p.pid for p in self.processes if p.poll() is None])}
         for pid in below:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            _signal(pid, below[pid], signal.SIGTERM)
         for process in self.processes:
             if process.poll() is None:
                 try:
@@ -319,12 +317,27 @@ class Deployment:
                 pass
             if process.poll() is None:
                 process.wait(10)
-        for pid in below:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        for pid, started in below.items():  # only if it is still the process we saw
+            _signal(pid, started, signal.SIGKILL)
         self.processes.clear()
+
+
+def _started(pid: int) -> int | None:
+    """A process's start time (clock ticks since boot): with its pid, who it is."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _signal(pid: int, started: int | None, sig: int) -> None:
+    if started is None or _started(pid) != started:
+        return  # gone, or the pid now names another process
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _tool(name: str) -> str:

@@ -3,16 +3,21 @@
 Flower starts a fresh ClientApp process for every message, so the global a
 client holds between rounds lives in a file: a ``.safetensors`` file whose
 metadata names its reference (round and digest) and the run it belongs to.
-It is written whole to ``<path>.part`` and renamed into place, so a file
-under the final name is always a complete global; it is read with ``pread``
-(the pages stay in the page cache, not in the process): the client holds
-one model in memory, its own, while it computes ``local - global``.
+The file is named by run and node, written whole to a ``.part`` of its own
+(unique per writer), fsynced and renamed into place, so a file under the
+final name is always a complete global; after it is read, its digest is
+checked against the one its metadata names (a damaged file is never taken
+for the global). It is read with ``pread`` (the pages stay in the page
+cache, not in the process): the client holds one model in memory, its own,
+while it computes ``local - global``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -21,9 +26,9 @@ import numpy as np
 
 from ...checkpoints import Checkpoint, open_checkpoint
 from ...errors import CheckpointError, TargetMismatch
-from ...payloads.landing import pwrite_all
+from ...payloads.landing import TargetDir, pwrite_all
 from ...payloads.sinks import SAFETENSORS_DTYPES
-from ...rounds.reference import Reference
+from ...rounds.reference import Reference, state_digest
 from ...tensors import view_tensor
 
 __all__ = ["GlobalCache"]
@@ -32,10 +37,14 @@ _CHUNK = 1 << 24
 
 
 class GlobalCache:
-    """The global of run ``run`` as this client last received it, at ``path``."""
+    """The global of run ``run`` as node ``node`` last received it, in
+    ``directory`` (``run-<run>-node-<node>.safetensors``)."""
 
-    def __init__(self, path: str | os.PathLike[str], run: str) -> None:
-        self.path, self.run = Path(path), str(run)
+    def __init__(self, directory: str | os.PathLike[str], run: str, node: int | str) -> None:
+        self.run = str(run)
+        if not self.run.isalnum():
+            raise ValueError(f"a run id is alphanumeric, got {run!r}")
+        self.path = Path(directory) / f"run-{self.run}-node-{node}.safetensors"
 
     def reference(self) -> Reference | None:
         """The reference the file holds for this run, or None (no file, another
@@ -57,8 +66,9 @@ class GlobalCache:
 
     def load_into(self, state: Mapping[str, Any]) -> Reference | None:
         """Read the cached global into ``state``'s tensors, in place; its
-        reference, or None (and ``state`` untouched) when there is none that
-        fits ``state``."""
+        reference, or None when there is none that fits ``state`` (``state``
+        untouched) or the bytes read are not the global the file names
+        (``state`` then holds them: the caller needs whole weights)."""
         try:
             ckpt = open_checkpoint(self.path, "safetensors")
         except (OSError, CheckpointError):
@@ -80,6 +90,11 @@ class GlobalCache:
                     stop = min(view.numel, start + step)
                     size = view.flat.itemsize
                     cached.slice(start, stop, flat[start * size:stop * size])
+        if state_digest(state) != ref.digest:  # damaged on disk: never claim to hold it
+            self.remove()
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(self.path)  # in use: not for prune()
         return ref
 
     def open(self) -> Checkpoint:
@@ -105,8 +120,8 @@ class GlobalCache:
         encoded += b" " * (-len(encoded) % 8)
         start = 8 + len(encoded)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        part = self.path.with_name(self.path.name + ".part")
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
+        part = self.path.with_name(f"{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
                      0o600)
         try:
             pwrite_all(fd, len(encoded).to_bytes(8, "little") + encoded, 0)
@@ -114,12 +129,15 @@ class GlobalCache:
                 data = flat.view(np.uint8)
                 for at in range(0, data.size, _CHUNK):
                     pwrite_all(fd, data[at:at + _CHUNK], start + offset + at)
+            os.fsync(fd)
         except BaseException:
             os.close(fd)
             part.unlink(missing_ok=True)
             raise
         os.close(fd)
         os.replace(part, self.path)
+        with TargetDir.at(self.path.parent) as directory:
+            directory.fsync()
         self.prune()
 
     def remove(self) -> None:
@@ -130,7 +148,7 @@ class GlobalCache:
         not written for ``older_than`` seconds (node ids change with every
         deployment, so their files would pile up); returns how many."""
         removed, now = 0, time.time()
-        for other in self.path.parent.glob("node-*.safetensors"):
+        for other in self.path.parent.glob("run-*-node-*.safetensors"):
             if other == self.path:
                 continue
             try:

@@ -85,6 +85,7 @@ class QuantizedFedAvg(FedAvg):
         self._folder = Folder(global_state, sums)
         self._encoded: ArrayRecord | None = None
         self._digest = ""
+        self._expected: set[int] = set()
         #: per round: clients folded, rejected replies (node, reason), failures, bytes
         self.history: list[dict[str, Any]] = []
 
@@ -98,6 +99,7 @@ class QuantizedFedAvg(FedAvg):
 
     def _with_meta(self, messages: Iterable[Message], server_round: int) -> list[Message]:
         messages = list(messages)
+        self._expected = {m.metadata.dst_node_id for m in messages}
         meta = weights_meta(server_round, self._digest, self.up)
         for message in messages:  # FedAvg shares one RecordDict between them
             message.content[META] = meta
@@ -118,6 +120,7 @@ class QuantizedFedAvg(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
+        expected = self._expected
         valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
         down = wire_bytes(self.global_arrays())
         self._folder.reset()
@@ -142,8 +145,10 @@ class QuantizedFedAvg(FedAvg):
             folded.append(msg)
         self.history.append({"round": server_round, "clients": [m.metadata.src_node_id
                                                                for m in folded],
-                             "rejected": rejected, "failures": [
+                             "rejected": rejected, "flower_failures": [
                                  (m.metadata.src_node_id, m.error.reason) for m in errors],
+                             "no_reply": sorted(expected - {m.metadata.src_node_id
+                                                            for m in replies}),
                              "down_bytes": down * (len(valid) + len(errors)),
                              "up_bytes": up})
         if not folded:

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
 import os
 import secrets
@@ -37,12 +39,13 @@ from typing import Any, Iterable, Mapping
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from ...errors import LlmwireError, PayloadError
+from ...errors import LlmwireError, PayloadError, TargetMismatch
 from ...rounds import Aggregator, Reference, broadcast_planned, broadcast_update
 from ...rounds import broadcast_state, receive_update, send_update
 from ...rounds.exchange import Diverged
 from ...rounds.update import plan_increment
 from ...transport import connect, serve
+from .._encoding import tied_names
 from ._loop import LoopThread
 from .cache import GlobalCache
 from .codec import LAYOUT, META
@@ -79,6 +82,7 @@ class _Gather:
     expected: set[int]
     sessions: dict[int, _Session] = field(default_factory=dict)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one downlink at a time
     sent: bool = False  # the gathered downlink went out (later clients go alone)
     opened: bool = False  # train: the aggregator takes this round's uploads
     over: bool = False  # Flower closed the round
@@ -109,6 +113,10 @@ class OutOfBandFedAvg(FedAvg):
                  upload_timeout: float = 600.0, sums: str = "float32", concurrency: int = 2,
                  settings: Any = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        tied = tied_names(global_state)
+        if tied:  # the clients' cached global (.safetensors) cannot alias them
+            raise TargetMismatch(f"{tied[0][0]!r} and {tied[0][1]!r} share one tensor: untie "
+                                 "them (clone one) for out-of-band rounds")
         self.global_state = global_state
         self.down, self.up = down, up
         self.host, self.port, self.advertise = host, port, advertise or host
@@ -187,13 +195,24 @@ class OutOfBandFedAvg(FedAvg):
             return messages
         nodes = {m.metadata.dst_node_id for m in messages}
         self._call(self._expect(server_round, purpose, nodes))
-        meta = ConfigRecord({"layout": LAYOUT, "kind": "link", "host": self.advertise,
-                             "port": self.port, "secret": self.secret.hex(),
-                             "round": server_round, "purpose": purpose, "up": self.up,
-                             "run": self.run_id, "tls": self.ssl is not None})
         for message in messages:
-            message.content[META] = meta
+            node = message.metadata.dst_node_id
+            # FedAvg shares one RecordDict between the messages: each gets its
+            # own, since its token names its node alone
+            content = RecordDict(dict(message.content.items()))
+            content[META] = ConfigRecord({
+                "layout": LAYOUT, "kind": "link", "host": self.advertise, "port": self.port,
+                "secret": self.secret.hex(), "round": server_round, "purpose": purpose,
+                "up": self.up, "run": self.run_id, "tls": self.ssl is not None, "node": node,
+                "token": self._token(server_round, purpose, node),
+                "gather_timeout": self.gather_timeout})
+            message.content = content
         return messages
+
+    def _token(self, server_round: int, purpose: str, node: int) -> str:
+        """What proves a connection speaks for ``node`` (only its message holds it)."""
+        text = f"{self.run_id}/{server_round}/{purpose}/{node}".encode()
+        return hmac.new(self.secret, text, hashlib.sha256).hexdigest()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Any) -> Iterable[Message]:
@@ -258,13 +277,19 @@ class OutOfBandFedAvg(FedAvg):
             return
         hello = msg.header if isinstance(msg.header, dict) else {}
         node, round_, purpose = hello.get("node"), hello.get("round"), hello.get("purpose")
-        gather = self._gathers.get((round_, purpose)) if hello.get("kind") == _HELLO else None
+        valid = (hello.get("kind") == _HELLO and type(node) is int and type(round_) is int
+                 and purpose in ("train", "evaluate"))
+        gather = self._gathers.get((round_, purpose)) if valid else None
+        token = hello.get("token")
         if gather is None or gather.over or node not in gather.expected \
-                or node in gather.sessions:
-            reason = ("not a Flower hello" if hello.get("kind") != _HELLO else
+                or node in gather.sessions or not isinstance(token, str) \
+                or not hmac.compare_digest(token, self._token(round_, purpose, node)):
+            reason = ("not a Flower hello" if not valid else
                       f"node {node!r} is not expected for {purpose} round {round_!r}"
-                      if gather is None or node not in gather.expected else
-                      f"node {node!r} already connected for round {round_!r}")
+                      if gather is None or gather.over or node not in gather.expected else
+                      f"node {node!r} already connected for round {round_!r}"
+                      if node in gather.sessions else
+                      f"node {node!r}: the token is not this round's")
             with contextlib.suppress(LlmwireError):
                 await transport.send_message({"kind": _REFUSED, "reason": reason})
             return
@@ -296,7 +321,18 @@ class OutOfBandFedAvg(FedAvg):
     async def _downlink(self, gather: _Gather, sessions: list[_Session]) -> None:
         """Send each session its global: nothing, the last mean, or whole
         weights; then (train) open the round's aggregation, and only then let
-        the sessions go on to their uploads."""
+        the sessions go on to their uploads. One at a time per gather: a late
+        client's waits for the gathered one (which reads the pending mean)."""
+        async with gather.lock:
+            if gather.over:
+                for s in sessions:
+                    if not s.downlinked.done():
+                        s.downlinked.set_exception(FlowerLinkError(
+                            f"node {s.node}: the round ended before its downlink"))
+                return
+            await self._downlink_locked(gather, sessions)
+
+    async def _downlink_locked(self, gather: _Gather, sessions: list[_Session]) -> None:
         current = self.reference
         assert current is not None and self._aggregator is not None
         pending = self._pending  # None once a train round opened (its sums were zeroed)
@@ -366,28 +402,21 @@ class OutOfBandFedAvg(FedAvg):
         others; close the round and apply its mean to the global."""
         gather = self._gathers.pop((server_round, "train"), None)
         assert self._aggregator is not None and self.reference is not None
-        if gather is not None:
-            gather.over = True
-        failed: list[tuple[int, str]] = []
-        sessions = list(gather.sessions.values()) if gather is not None else []
-        waiting = [s.done for s in sessions if s.node in replied]
-        if waiting:
-            await asyncio.wait(waiting, timeout=self.upload_timeout)
-        for s in sessions:
-            if not s.done.done():
-                with contextlib.suppress(Exception):
-                    await s.transport.close("the round is over")
-                with contextlib.suppress(BaseException):
-                    await asyncio.wait_for(asyncio.shield(s.done), 30)
-            if s.done.done() and s.done.exception() is not None:
-                failed.append((s.node, str(s.done.exception())))
+        sessions = await self._end(gather, replied, self.upload_timeout)
+        failed = [(s.node, str(s.done.exception())) for s in sessions
+                  if s.done.done() and s.done.exception() is not None]
         if gather is not None:
             missing = gather.expected - set(gather.sessions)
             failed += [(node, "never connected") for node in sorted(missing)]
         if gather is None or not gather.opened:
             # no client came at all: the pending mean goes next round
             return self._record(server_round, "train", sessions, failed, [], 0)
-        aggregate = self._aggregator.close()
+        try:
+            aggregate = self._aggregator.close()
+        except PayloadError as exc:  # an upload's undo outlived the grace: nothing counts
+            failed.append((-1, f"the round could not be closed: {exc}"))
+            self._pending = None
+            return self._record(server_round, "train", sessions, failed, [], 0)
         up = sum(u.wire_bytes for u in self._aggregator.uploads)
         clients = list(aggregate.clients)
         if clients:
@@ -401,15 +430,36 @@ class OutOfBandFedAvg(FedAvg):
         gather = self._gathers.pop((server_round, "evaluate"), None)
         if gather is None:
             return
-        gather.over = True
-        for s in gather.sessions.values():
-            if not s.done.done():
-                with contextlib.suppress(asyncio.TimeoutError, BaseException):
-                    await asyncio.wait_for(asyncio.shield(s.done), self.upload_timeout)
-        failed = [(s.node, str(s.done.exception())) for s in gather.sessions.values()
+        sessions = await self._end(gather, set(gather.sessions), self.upload_timeout)
+        failed = [(s.node, str(s.done.exception())) for s in sessions
                   if s.done.done() and s.done.exception() is not None]
-        self.history.append(self._record(server_round, "evaluate",
-                                         list(gather.sessions.values()), failed, [], 0))
+        failed += [(node, "never connected") for node in sorted(gather.expected
+                                                                - set(gather.sessions))]
+        self.history.append(self._record(server_round, "evaluate", sessions, failed, [], 0))
+
+    async def _end(self, gather: _Gather | None, replied: set[int], timeout: float
+                   ) -> list[_Session]:
+        """Close a gather: sessions still waiting for their downlink fail now;
+        those of nodes that replied get ``timeout`` to finish; the rest are
+        closed (an upload in progress is taken back out) and awaited."""
+        if gather is None:
+            return []
+        gather.over = True
+        sessions = list(gather.sessions.values())
+        for s in sessions:
+            if not s.downlinked.done():
+                s.downlinked.set_exception(FlowerLinkError(
+                    f"node {s.node}: connected, and the round ended before its downlink"))
+        waiting = [s.done for s in sessions if s.node in replied and not s.done.done()]
+        if waiting:
+            await asyncio.wait(waiting, timeout=timeout)
+        stragglers = [s for s in sessions if not s.done.done()]
+        for s in stragglers:
+            with contextlib.suppress(Exception):
+                await s.transport.close("the round is over")
+        if stragglers:
+            await asyncio.wait([s.done for s in stragglers], timeout=30)
+        return sessions
 
     def _record(self, server_round: int, purpose: str, sessions: list[_Session],
                 failed: list[tuple[int, str]], clients: list[str], up: int) -> dict[str, Any]:
@@ -445,11 +495,17 @@ class OutOfBandClient:
         if meta is None or meta.get("kind") != "link":
             raise FlowerLinkError("this message carries no llmwire link (is the server's "
                                   "strategy an OutOfBandFedAvg?)")
+        if meta.get("tls") and ssl is None:
+            raise FlowerLinkError("the llmwire server uses TLS: pass ssl= (a client context)")
         self.msg, self.meta, self.state = msg, meta, state
         self.node = int(context.node_id)
+        if meta.get("node") not in (None, self.node):
+            raise FlowerLinkError(f"this message is for node {meta.get('node')}, this is node "
+                                  f"{self.node}")
         directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        self.cache = GlobalCache(directory / f"node-{self.node}.safetensors", str(meta["run"]))
+        self.cache = GlobalCache(directory, str(meta["run"]), self.node)
         self.timeout, self.ssl = timeout, ssl
+        self._base: Any = None
         self.reference: Reference | None = None
         self.pulled: str = ""
         self.pushed: Any = None
@@ -469,6 +525,13 @@ class OutOfBandClient:
         self.reference = self._loop.call(self._pull(have))
         if self.pulled != "current":
             self.cache.store(self.state, self.reference)
+        # held open until push(): the update is computed against this very file
+        base = self.cache.open()
+        if self.cache._reference_of(base) != self.reference:
+            base.close()
+            raise FlowerLinkError("the cached global changed under this client (another "
+                                  "process of this node and run?)")
+        self._base = base
         self.pull_seconds = time.perf_counter() - started
         return self.reference
 
@@ -482,10 +545,23 @@ class OutOfBandClient:
             raise FlowerLinkError(f"cannot reach the llmwire server at {meta['host']}:"
                                   f"{meta['port']}: {exc}") from exc
         t = self._transport
-        await t.send_message({"kind": _HELLO, "node": self.node, "round": meta["round"],
-                              "purpose": meta["purpose"],
-                              "have": have.to_wire() if have is not None else None})
-        stream = await t.accept_stream()
+        wait = float(meta.get("gather_timeout", 30.0)) + 120.0
+        try:
+            await t.send_message({"kind": _HELLO, "node": self.node, "round": meta["round"],
+                                  "purpose": meta["purpose"], "token": meta.get("token"),
+                                  "have": have.to_wire() if have is not None else None})
+            stream = await asyncio.wait_for(t.accept_stream(), wait)
+            return await self._receive(stream, have)
+        except asyncio.TimeoutError:
+            raise FlowerLinkError(f"node {self.node}: no downlink from the server in "
+                                  f"{wait:g} s") from None
+        except FlowerLinkError:
+            raise
+        except LlmwireError as exc:
+            raise FlowerLinkError(f"node {self.node}: the downlink failed: {exc}") from exc
+
+    async def _receive(self, stream: Any, have: Reference | None) -> Reference:
+        t = self._transport
         header = stream.header if isinstance(stream.header, dict) else {}
         if header.get("kind") == _REFUSED:
             await stream.read_all(64 * 1024)
@@ -504,12 +580,15 @@ class OutOfBandClient:
     def push(self, weight: float) -> Any:
         """Send ``state - global`` (FedAvg weight ``weight``, e.g. the number
         of examples); returns once the server folded it into its sums."""
-        if self.reference is None or self._transport is None:
-            raise FlowerLinkError("pull() first")
-        with self.cache.open() as base:
+        if self.reference is None or self._transport is None or self._base is None:
+            raise FlowerLinkError("pull() first (and push() once)")
+        base, self._base = self._base, None
+        try:
             self.pushed = self._loop.call(send_update(
                 self._transport, self.state, base, self.reference, str(self.meta["up"]),
                 client=str(self.node), weight=weight))
+        finally:
+            base.close()
         return self.pushed
 
     def reply(self, metrics: Mapping[str, Any], metrics_key: str = "metrics") -> Message:
@@ -523,6 +602,9 @@ class OutOfBandClient:
                                    META: ConfigRecord(link)}), reply_to=self.msg)
 
     def close(self) -> None:
+        base, self._base = self._base, None
+        if base is not None:
+            base.close()
         transport, self._transport = self._transport, None
         if transport is not None:
             with contextlib.suppress(Exception):
