@@ -427,10 +427,12 @@ def test_tied_tensors_are_refused_before_any_round():
 def test_out_of_band_a_client_cannot_speak_for_another_node(tmp_path):
     global_ = model()
     with serving(global_, 2, gather_timeout=1) as strategy:
-        first, second = strategy.configure_train(1, None, ConfigRecord(), Grid(2))
-        assert first.content is not second.content  # each node's message is its own
+        messages = {m.metadata.dst_node_id: m for m in
+                    strategy.configure_train(1, None, ConfigRecord(), Grid(2))}
+        first = messages[1]
+        assert first.content is not messages[2].content  # each node's message is its own
         forged = Message(RecordDict(dict(first.content.items())), dst_node_id=2,
-                         message_type=MessageType.TRAIN)
+                         message_type=MessageType.TRAIN)  # node 1's token, as node 2
         forged.content[lf.META] = ConfigRecord({**dict(first.content[lf.META]), "node": 2})
         state = {k: torch.zeros_like(v) for k, v in model().items()}
         with lf.OutOfBandClient(forged, Context(2), state, cache_dir=tmp_path) as link:
