@@ -1,0 +1,185 @@
+"""llmwire.integrations.nvflare: the DXO filters called directly, every
+format, dtype, container and kind, as NVFlare calls them (on
+``DXO(...).to_shareable()`` with an ``FLContext``), and the wiring helper."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the NVFlare adapter's tests use torch tensors")
+pytest.importorskip("nvflare", reason="needs NVFlare: pip install 'llmwire[nvflare]'")
+
+from nvflare.apis.dxo import DXO, DataKind, from_shareable  # noqa: E402
+from nvflare.apis.fl_context import FLContext  # noqa: E402
+
+import llmwire  # noqa: E402
+from llmwire.errors import LlmwireError  # noqa: E402
+from llmwire.integrations import _encoding  # noqa: E402
+from llmwire.integrations.nvflare import DequantizeFilter, QuantizeFilter, add_filters  # noqa: E402
+
+FORMATS = ["raw", "fp16", "bf16", "blockwise8", "fp4", "nf4"]
+
+
+def state(container, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = {"w": torch.randn(300, 257, generator=g), "h": torch.randn(64, 64, generator=g).half(),
+           "n": torch.tensor([3, 4], dtype=torch.int64)}
+    if container == "torch":
+        out["b"] = torch.randn(4096, generator=g).to(torch.bfloat16)
+        return out
+    return {k: v.numpy() for k, v in out.items()}
+
+
+def through(flt, dxo, site="site-1"):
+    """Run a filter as NVFlare does: on a shareable, with a context."""
+    ctx = FLContext()
+    ctx.set_prop("__identity_name__", site, private=True, sticky=False)
+    return from_shareable(flt.process(dxo.to_shareable(), ctx))
+
+
+def expected(value, fmt):
+    return llmwire.dequantize(llmwire.quantize(value, fmt), container=_encoding.view_tensor(
+        value).container)
+
+
+@pytest.mark.parametrize("container", ["torch", "numpy"])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("kind", [DataKind.WEIGHTS, DataKind.WEIGHT_DIFF])
+def test_quantize_then_dequantize_restores_dtype_container_and_codec_values(container, fmt,
+                                                                            kind):
+    data = state(container)
+    encoded = through(QuantizeFilter(weights=fmt, diffs=fmt, min_elements=1),
+                      DXO(kind, data, {"NUM_STEPS_CURRENT_ROUND": 3}))
+    assert encoded.data_kind == kind
+    assert all(_encoding.is_blob(v) for v in encoded.data.values())
+    assert encoded.meta["NUM_STEPS_CURRENT_ROUND"] == 3
+    restored = through(DequantizeFilter(), encoded)
+    assert "llmwire" not in restored.meta and restored.meta["NUM_STEPS_CURRENT_ROUND"] == 3
+    for name, value in data.items():
+        got = restored.data[name]
+        assert type(got) is type(value), name
+        assert got.dtype == value.dtype and tuple(got.shape) == tuple(value.shape), name
+        want = expected(value, fmt)
+        same = torch.equal(got, want.to(got.dtype)) if container == "torch" else \
+            np.array_equal(got, np.asarray(want).astype(got.dtype))
+        assert same, (name, fmt)
+
+
+def test_a_shared_broadcast_is_encoded_once_and_never_changed_in_place():
+    data = state("torch")
+    meta = {"round": 1}
+    flt = QuantizeFilter(weights="nf4", min_elements=1)
+    dxo = DXO(DataKind.WEIGHTS, data, meta)
+    first = through(flt, dxo, "site-1")
+    second = through(flt, dxo, "site-2")
+    assert dxo.data is data and all(isinstance(v, torch.Tensor) for v in data.values())
+    assert meta == {"round": 1}  # the shared meta is untouched
+    assert first.meta is not second.meta
+    assert all(first.data[k] is second.data[k] for k in data)  # the same encoding, once
+    again = through(flt, first)  # already encoded: judged from the data, passes unchanged
+    assert all(again.data[k] is first.data[k] for k in data)
+
+
+def test_results_as_diffs_against_the_global_the_site_received():
+    global_ = state("torch")
+    down = through(QuantizeFilter(weights="bf16", min_elements=1),
+                   DXO(DataKind.WEIGHTS, global_))
+    received = through(DequantizeFilter(keep_base=True), down, "site-7")
+    local = {k: v.clone() for k, v in received.data.items()}
+    local["w"] += 0.01
+    up = through(QuantizeFilter(diffs="nf4", as_diff=True, min_elements=1),
+                 DXO(DataKind.WEIGHTS, local), "site-7")
+    assert up.data_kind == DataKind.WEIGHT_DIFF
+    diff = through(DequantizeFilter(), up)
+    assert diff.data_kind == DataKind.WEIGHT_DIFF
+    assert float((diff.data["w"] - 0.01).abs().max()) < 1e-6  # a constant step: nf4 exact
+    assert not diff.data["h"].any() and diff.data["h"].dtype == torch.float32  # unchanged
+    with pytest.raises(LlmwireError, match="no global"):
+        through(QuantizeFilter(as_diff=True), DXO(DataKind.WEIGHTS, local), "site-8")
+
+
+def test_other_kinds_and_plain_dxos_pass_untouched():
+    metrics = DXO(DataKind.METRICS, {"loss": 1.0})
+    assert through(QuantizeFilter(), metrics).data == {"loss": 1.0}
+    plain = DXO(DataKind.WEIGHTS, state("numpy"))
+    out = through(DequantizeFilter(), plain)
+    assert all(out.data[k] is plain.data[k] for k in plain.data)
+
+
+def test_a_bad_format_fails_when_the_filter_is_made():
+    with pytest.raises(llmwire.QuantizationError):
+        QuantizeFilter(weights="int3")
+
+
+def test_add_filters_needs_explicit_tasks_and_wires_four_positions():
+    calls = []
+
+    class Job:
+        def to_server(self, obj, **kw):
+            calls.append(("server", type(obj).__name__, kw["filter_type"], kw["tasks"]))
+
+        def to(self, obj, site, **kw):
+            calls.append((site, type(obj).__name__, kw["filter_type"], kw["tasks"]))
+
+    with pytest.raises(ValueError, match="explicitly"):
+        add_filters(Job(), ["site-1"], tasks=["*"])
+    add_filters(Job(), ["site-1", "site-2"], tasks=["train"])
+    assert ("server", "QuantizeFilter", "TASK_DATA", ["train"]) in calls
+    assert ("server", "DequantizeFilter", "TASK_RESULT", ["train"]) in calls
+    assert ("site-2", "DequantizeFilter", "TASK_DATA", ["train"]) in calls
+    assert ("site-2", "QuantizeFilter", "TASK_RESULT", ["train"]) in calls
+    assert len(calls) == 6
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "blockwise8", "fp4", "nf4"])
+@pytest.mark.parametrize("container", ["torch", "numpy"])
+def test_nvflare_layout_round_trips_and_says_what_nvflare_reads(fmt, container):
+    data = state(container)
+    encoded = through(QuantizeFilter(weights=fmt, layout="nvflare"),
+                      DXO(DataKind.WEIGHTS, data, {"NUM_STEPS_CURRENT_ROUND": 2}))
+    meta = encoded.meta
+    assert meta["quantized_flag"] is True and meta["PROCESSED_ALGORITHM"] in (
+        "float16", "blockwise8", "float4", "normfloat4")
+    assert meta["source_datatype"]["w"] == "float32"
+    if fmt in ("fp4", "nf4"):
+        state_w = meta["quant_state"]["w"]
+        assert set(state_w) == {"quant_type", "absmax", "blocksize", "quant_map", "dtype",
+                                "shape"} and tuple(state_w["shape"]) == (300, 257)
+    restored = through(DequantizeFilter(), encoded)
+    assert "quant_state" not in restored.meta and restored.meta["NUM_STEPS_CURRENT_ROUND"] == 2
+    for name, value in data.items():
+        got = restored.data[name]
+        assert type(got) is type(value) and got.dtype == value.dtype, name
+        want = expected(value, fmt) if str(value.dtype) not in ("torch.int64", "int64") \
+            else value
+        if fmt == "fp16" and str(value.dtype) in ("torch.float16", "float16", "torch.bfloat16"):
+            want = value  # not more bits than the format: left as it is, as NVFlare does
+        same = torch.equal(got, want.to(got.dtype)) if container == "torch" else \
+            np.array_equal(got, np.asarray(want).astype(got.dtype))
+        assert same, (name, fmt)
+
+
+@pytest.mark.parametrize("fmt", ["blockwise8", "fp4", "nf4"])
+def test_nvflare_layout_decodes_bit_for_bit_as_bitsandbytes_both_ways(fmt):
+    bnb = pytest.importorskip("bitsandbytes.functional",
+                              reason="the check against bitsandbytes needs it")
+    from llmwire.integrations.nvflare import nvflare_layout as layout
+
+    t = torch.randn(300, 257, generator=torch.Generator().manual_seed(3))
+    values, meta = layout.encode({"w": t}, fmt)
+    qs = meta["quant_state"]["w"]
+    if fmt == "blockwise8":
+        theirs = bnb.dequantize_blockwise(values["w"], absmax=qs["absmax"], code=qs["code"])
+        q, s = bnb.quantize_blockwise(t)
+        their_meta = {"absmax": s.absmax, "code": s.code}
+        reference = bnb.dequantize_blockwise(q, s)
+    else:
+        theirs = bnb.dequantize_4bit(values["w"], bnb.QuantState.from_dict(qs, device="cpu"))
+        q, s = bnb.quantize_4bit(t, quant_type=fmt, blocksize=64)
+        their_meta = s.as_dict()
+        reference = bnb.dequantize_4bit(q, s)
+    ours, _ = layout.decode(values, meta)
+    assert torch.equal(theirs.reshape(t.shape), ours["w"])  # bitsandbytes reads what we wrote
+    got, _ = layout.decode({"w": q}, {**meta, "quant_state": {"w": their_meta}})
+    assert torch.equal(got["w"], reference.reshape(t.shape))  # and we read what it wrote
