@@ -12,6 +12,7 @@ import json
 import os
 import pathlib
 import re
+import tempfile
 
 import pytest
 
@@ -639,6 +640,7 @@ def test_streaming_docs_example_runs(tmp_path, capsys, monkeypatch):
     (code,) = [c for c in re.findall(r"```python\n(.*?)```", section, re.S)
                if "async def main" in c]
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the example's mkdtemp(), too
     code = code.replace("llmwire.run(main())", "llmwire.run(asyncio.wait_for(main(), 20))")
     exec(compile(code, "docs/streaming.md", "exec"), {"__name__": "example"})
     out = capsys.readouterr().out

@@ -128,7 +128,7 @@ def _build_parser() -> argparse.ArgumentParser:
                                             "same run (learn: held-out loss against fp32's).")
     kinds = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
     for name, module in _bench_modules().items():
-        doc = (module.__doc__ or "").strip().splitlines()[0]
+        doc = (module.__doc__ or "").strip().splitlines()[0].replace("``", "")
         sub = kinds.add_parser(name, help=doc, description=module.__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(sub)

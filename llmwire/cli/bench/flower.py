@@ -1,5 +1,6 @@
-"""``llmwire bench flower``: stock Flower FedAvg against llmwire's ways in,
-each in a real local Flower deployment.
+"""``llmwire bench flower``: stock Flower FedAvg against llmwire's ways in.
+
+Each mode runs in a real local Flower deployment.
 
 For every mode the bench starts a SuperLink and N SuperNodes on 127.0.0.1
 (a fresh ``FLWR_HOME``, telemetry, update checks and runtime dependency

@@ -1,5 +1,4 @@
-"""``llmwire bench learn``: does federated learning still learn when its
-messages are quantized?
+"""``llmwire bench learn``: does FedAvg still learn with quantized messages?
 
 FedAvg on real text, over the real transport: a server process and N client
 processes on 127.0.0.1, fresh for every arm. Shakespeare is split by genre
