@@ -180,13 +180,18 @@ def _client(msg, delta, node):
     return lf.reply_update(msg, state, {"num-examples": 10 * node}, base=base)
 
 
+def _raw_round(global_, n):
+    """A QuantizedFedAvg, raw both ways, and its round-1 messages to ``n`` nodes."""
+    strategy = lf.QuantizedFedAvg(global_, down="raw", up="raw", min_train_nodes=n,
+                                  min_available_nodes=n)
+    return strategy, list(strategy.configure_train(1, strategy.global_arrays(), ConfigRecord(),
+                                                   Grid(n)))
+
+
 def test_quantized_fedavg_raw_both_ways_is_fedavg_to_float32_rounding():
     global_ = model()
     start = {k: v.clone() for k, v in global_.items()}
-    strategy = lf.QuantizedFedAvg(global_, down="raw", up="raw", min_train_nodes=3,
-                                  min_available_nodes=3)
-    messages = list(strategy.configure_train(1, strategy.global_arrays(), ConfigRecord(),
-                                             Grid(3)))
+    strategy, messages = _raw_round(global_, 3)
     assert len(messages) == 3
     deltas = [0.01 * (i + 1) * torch.randn(300, 257) for i in range(3)]
     replies = [_client(m, d, i + 1) for i, (m, d) in enumerate(zip(messages, deltas))]
@@ -203,10 +208,7 @@ def test_quantized_fedavg_raw_both_ways_is_fedavg_to_float32_rounding():
 def test_quantized_fedavg_leaves_out_bad_replies_and_never_half_adds_them():
     global_ = model()
     start = {k: v.clone() for k, v in global_.items()}
-    strategy = lf.QuantizedFedAvg(global_, down="raw", up="raw", min_train_nodes=2,
-                                  min_available_nodes=2)
-    messages = list(strategy.configure_train(1, strategy.global_arrays(), ConfigRecord(),
-                                             Grid(2)))
+    strategy, messages = _raw_round(global_, 2)
     delta = 0.01 * torch.randn(300, 257)
     good = _client(messages[0], delta, 1)
     poisoned = _client(messages[1], delta, 2)

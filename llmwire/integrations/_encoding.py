@@ -30,11 +30,11 @@ import msgpack
 import numpy as np
 import xxhash
 
-from ..errors import NonFiniteError, PayloadError, QuantizationError, TargetMismatch
+from ..errors import NonFiniteError, PayloadError, TargetMismatch
 from ..quant.codec import MIN_ELEMENTS, TensorSpec, decode_slice, encode_slice_into, make_spec
 from ..quant.codec import iter_slices
 from ..rounds.sinks import MAX_TERM
-from ..rounds.update import add_into
+from ..rounds.update import _format_for, _to_float32, add_into
 from ..tensors import DTYPES, TensorView, view_tensor
 
 __all__ = ["LAYOUT", "STYPE_PREFIX", "ZERO_STYPE", "Packed", "encode_array", "encode_state",
@@ -117,10 +117,6 @@ def record_digest(record: Record) -> str:
 
 # -- one array ----------------------------------------------------------------
 
-def _fmt(fmt: str) -> str:
-    return "raw" if fmt in ("fp32", "none") else fmt
-
-
 def _pack(spec: TensorSpec, mode: str, dtype: str, shape: tuple[int, ...],
           source: Callable[[int, int], np.ndarray], name: str) -> Packed:
     """Encode ``source(start, stop)`` (elements held as ``spec.dtype``) into one Array."""
@@ -191,19 +187,6 @@ def _restored(spec: TensorSpec, parts: list[np.ndarray], start: int, stop: int,
     return out
 
 
-def _as_float32(values: np.ndarray, dtype: str, scratch: np.ndarray) -> np.ndarray:
-    """``values`` (held as ``dtype``) in float32: a view when they already are."""
-    if dtype == "float32":
-        return values
-    from ..quant import _kernels
-
-    if dtype in ("float16", "bfloat16"):
-        _kernels.cast_into(np.ascontiguousarray(values), dtype, scratch, "float32")
-    else:
-        scratch[...] = values
-    return scratch
-
-
 def _slices(spec: TensorSpec) -> Iterator[tuple[int, int]]:
     """Slices of ``_SLICE`` elements: every alignment (a power of two, at most
     ``_SLICE``) divides it, so these start aligned for any spec of the tensor."""
@@ -216,15 +199,12 @@ def encode_array(tensor: Any, fmt: str = "nf4", *, name: str = "tensor",
     tensors go as they are). :class:`~llmwire.NonFiniteError` for NaN/inf in a
     block format."""
     view = view_tensor(tensor)
-    spec = make_spec(view.dtype, view.shape, _fmt(fmt), block_size=block_size, nested=nested)
+    spec = make_spec(view.dtype, view.shape, _format_for(name, view.numel, fmt, {}, 0),
+                     block_size=block_size, nested=nested)
     return _pack(spec, "value", view.dtype, view.shape, view.slice, name)
 
 
 # -- records ------------------------------------------------------------------
-
-def _format_for(numel: int, fmt: str, min_elements: int) -> str:
-    return "raw" if numel < min_elements else _fmt(fmt)
-
 
 def encode_state(state: Mapping[str, Any], fmt: str = "bf16", *,
                  min_elements: int = MIN_ELEMENTS, block_size: int | None = None,
@@ -234,7 +214,7 @@ def encode_state(state: Mapping[str, Any], fmt: str = "bf16", *,
     record: dict[str, Packed] = {}
     for name, tensor in state.items():
         view = view_tensor(tensor)
-        chosen = _format_for(view.numel, fmt, min_elements)
+        chosen = _format_for(name, view.numel, fmt, {}, min_elements)
         block = _block(chosen, block_size)
         spec = make_spec(view.dtype, view.shape, chosen, block_size=block,
                          nested=nested and block is not None)
@@ -317,7 +297,7 @@ def _update_array(name: str, view: TensorView, spec: TensorSpec, parts: list[np.
             return Packed(view.dtype, view.shape, ZERO_STYPE, b"")
         value = make_spec(view.dtype, view.shape, "raw")
         return _pack(value, "value", view.dtype, view.shape, view.slice, name)
-    chosen = _format_for(view.numel, fmt, min_elements)
+    chosen = _format_for(name, view.numel, fmt, {}, min_elements)
     block = _block(chosen, block_size)
     delta = make_spec("float32", view.shape, chosen, block_size=block,
                       nested=nested and block is not None)
@@ -328,14 +308,13 @@ def _update_array(name: str, view: TensorView, spec: TensorSpec, parts: list[np.
     def source(start: int, stop: int) -> np.ndarray:
         nonlocal changed
         count = stop - start
-        base = _as_float32(_restored(spec, parts, start, stop, held[:count]), view.dtype,
-                           wide[:count])
+        base = _restored(spec, parts, start, stop, held[:count])
         mine = view.slice(start, stop)
         if view.dtype == "float32":
             np.subtract(mine, base, out=out[:count])
         else:
-            _as_float32(mine, view.dtype, out[:count])
-            out[:count] -= base
+            _to_float32(mine, view.dtype, out[:count])
+            out[:count] -= _to_float32(base, view.dtype, wide[:count])
         if not changed and out[:count].any():
             changed = True
         return out[:count]

@@ -20,7 +20,7 @@ import json
 import os
 import stat
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import xxhash
@@ -34,7 +34,8 @@ from .landing import PART_SUFFIX, READ_BLOCK, PartFile, TargetDir, check_free_sp
 from .manifest import Entry, Manifest
 from .source import pread_exact
 
-__all__ = ["StateDictSink", "MemorySink", "InPlaceSink", "SafetensorsSink", "SAFETENSORS_DTYPES"]
+__all__ = ["StateDictSink", "MemorySink", "InPlaceSink", "SafetensorsSink", "SAFETENSORS_DTYPES",
+           "safetensors_header"]
 
 
 class StateDictSink(abc.ABC):
@@ -238,6 +239,33 @@ class _Ledger:
         return whole.hexdigest()
 
 
+def safetensors_header(tensors: Iterable[tuple[str, str, tuple[int, ...]]],
+                       metadata: Mapping[str, str] | None = None
+                       ) -> tuple[bytes, dict[str, int], int]:
+    """The head of a ``.safetensors`` file holding ``tensors`` (name, dtype,
+    shape), laid out in that order: the 8-byte length and the JSON header,
+    padded so that the data starts 8-byte aligned. Returns the head, each
+    tensor's offset in the data region, and the whole file's size."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offsets: dict[str, int] = {}
+    position = 0
+    for name, dtype, shape in tensors:
+        if name == "__metadata__":
+            raise TargetMismatch("a tensor named '__metadata__' cannot be written to "
+                                 "a .safetensors file (the format reserves the name)")
+        size = DTYPES[dtype].itemsize
+        for dim in shape:
+            size *= dim
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [position, position + size]}
+        offsets[name] = position
+        position += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned
+    head = len(encoded).to_bytes(8, "little") + encoded
+    return head, offsets, len(head) + position
+
+
 class SafetensorsSink(StateDictSink):
     """Writes a ``.safetensors`` file at offsets as entries arrive.
 
@@ -282,28 +310,15 @@ class SafetensorsSink(StateDictSink):
 
     def prepare(self, manifest: Manifest) -> None:
         specs = {e.name: e.spec for e in manifest.entries if e.spec is not None}
-        header: dict[str, Any] = {}
         metadata = {k: v for k, v in manifest.metadata.items()
                     if isinstance(k, str) and isinstance(v, str)}
-        if metadata:
-            header["__metadata__"] = metadata
-        position = 0
+        tensors = []
         for entry in manifest.entries:
-            if entry.name == "__metadata__":
-                raise TargetMismatch("a tensor named '__metadata__' cannot be written to "
-                                     "a .safetensors file (the format reserves the name)")
             spec = specs[entry.tied_to] if entry.tied_to else entry.spec
             assert spec is not None
-            size = spec.numel * DTYPES[spec.dtype].itemsize
-            header[entry.name] = {"dtype": SAFETENSORS_DTYPES[spec.dtype],
-                                  "shape": list(spec.shape),
-                                  "data_offsets": [position, position + size]}
-            self._offsets[entry.name] = position
-            position += size
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned
-        self._data_start = 8 + len(encoded)
-        self._size = self._data_start + position
+            tensors.append((entry.name, spec.dtype, spec.shape))
+        head, self._offsets, self._size = safetensors_header(tensors, metadata)
+        self._data_start = len(head)
         name = self.path.name
         try:
             self._dir = self._open_directory()
@@ -316,7 +331,6 @@ class SafetensorsSink(StateDictSink):
             self._file.acquire()
             self._file.truncate(0)
             check_free_space(self._dir.fd, self._size, str(self.path))
-            head = len(encoded).to_bytes(8, "little") + encoded
             self._file.write(head, 0)
             self._ledger.add(0, head)
             self._file.truncate(self._size)

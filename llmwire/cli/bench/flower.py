@@ -42,6 +42,7 @@ import time
 from typing import Any
 
 from ..synthetic import model_size
+from ._rss import rss_bytes
 from ._timing import format_table
 
 __all__ = ["add_arguments", "run", "measure", "MODES", "Deployment"]
@@ -77,17 +78,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------ processes
 
 
+def _stat_field(pid: int | str, index: int) -> int | None:
+    """Field ``index`` of /proc/PID/stat after the command name (0: state;
+    1: the parent; 19: the start time), or None once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[index])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _children() -> dict[int, list[int]]:
     tree: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                parent = int(f.read().rsplit(b")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        tree.setdefault(parent, []).append(int(entry))
+        if entry.isdigit() and (parent := _stat_field(entry, 1)) is not None:
+            tree.setdefault(parent, []).append(int(entry))
     return tree
 
 
@@ -116,9 +121,9 @@ def _kind(pid: int) -> str:
 
 
 def _rss(pid: int) -> int:
+    """Resident bytes of ``pid`` (0 once it is gone)."""
     try:
-        with open(f"/proc/{pid}/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return rss_bytes(pid)[0]
     except (OSError, IndexError, ValueError):
         return 0
 
@@ -325,11 +330,7 @@ class Deployment:
 
 def _started(pid: int) -> int | None:
     """A process's start time (clock ticks since boot): with its pid, who it is."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
+    return _stat_field(pid, 19)
 
 
 def _signal(pid: int, started: int | None, sig: int) -> None:

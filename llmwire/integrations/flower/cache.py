@@ -15,7 +15,6 @@ while it computes ``local - global``.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import time
@@ -27,7 +26,7 @@ import numpy as np
 from ...checkpoints import Checkpoint, open_checkpoint
 from ...errors import CheckpointError, TargetMismatch
 from ...payloads.landing import TargetDir, pwrite_all
-from ...payloads.sinks import SAFETENSORS_DTYPES
+from ...payloads.sinks import safetensors_header
 from ...rounds.reference import Reference, state_digest
 from ...tensors import view_tensor
 
@@ -103,32 +102,24 @@ class GlobalCache:
 
     def store(self, state: Mapping[str, Any], ref: Reference) -> None:
         """Write ``state`` as this run's global ``ref``: to ``.part``, then renamed."""
-        header: dict[str, Any] = {"__metadata__": {
-            "llmwire-run": self.run, "llmwire-round": str(ref.round),
-            "llmwire-digest": ref.digest}}
-        position, views = 0, []
-        for name, tensor in state.items():
-            view = view_tensor(tensor)
+        views = {name: view_tensor(tensor) for name, tensor in state.items()}
+        for name, view in views.items():
             if view.flat is None:
                 raise TargetMismatch(f"{name!r}: not a contiguous tensor")
-            size = view.flat.nbytes
-            header[name] = {"dtype": SAFETENSORS_DTYPES[view.dtype], "shape": list(view.shape),
-                            "data_offsets": [position, position + size]}
-            views.append((position, view.flat))
-            position += size
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % 8)
-        start = 8 + len(encoded)
+        head, offsets, _ = safetensors_header(
+            [(name, view.dtype, view.shape) for name, view in views.items()],
+            {"llmwire-run": self.run, "llmwire-round": str(ref.round),
+             "llmwire-digest": ref.digest})
         self.path.parent.mkdir(parents=True, exist_ok=True)
         part = self.path.with_name(f"{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
                      0o600)
         try:
-            pwrite_all(fd, len(encoded).to_bytes(8, "little") + encoded, 0)
-            for offset, flat in views:
-                data = flat.view(np.uint8)
+            pwrite_all(fd, head, 0)
+            for name, view in views.items():
+                data = view.flat.view(np.uint8)
                 for at in range(0, data.size, _CHUNK):
-                    pwrite_all(fd, data[at:at + _CHUNK], start + offset + at)
+                    pwrite_all(fd, data[at:at + _CHUNK], len(head) + offsets[name] + at)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
