@@ -358,7 +358,7 @@ def test_weights_must_be_sane():
 
 
 def test_the_client_cache_round_trips_and_forgets_other_runs(tmp_path):
-    from llmwire.integrations.flower.cache import GlobalCache
+    from llmwire.integrations.cache import GlobalCache
     from llmwire.rounds import Reference
 
     state = model()
@@ -385,7 +385,7 @@ def test_the_client_cache_round_trips_and_forgets_other_runs(tmp_path):
 
 
 def test_a_damaged_cache_is_never_taken_for_the_global(tmp_path):
-    from llmwire.integrations.flower.cache import GlobalCache
+    from llmwire.integrations.cache import GlobalCache
     from llmwire.rounds import Reference
 
     state = model()

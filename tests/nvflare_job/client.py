@@ -3,6 +3,7 @@ llmwire (the filters do the work): receive the global, change it, send the
 difference."""
 
 import torch
+from net import update
 
 import nvflare.client as flare
 from nvflare.client import FLModel, ParamsType
@@ -16,11 +17,8 @@ def main() -> None:
         assert all(isinstance(v, torch.Tensor) for v in received.params.values()), \
             "the filters restore torch tensors"
         round_ = received.current_round
-        diff = {}
-        for name, value in received.params.items():
-            g = torch.Generator().manual_seed(1000 * site + 10 * round_ + len(name))
-            diff[name] = 0.01 * torch.randn(value.shape, generator=g) if value.dim() > 1 \
-                else torch.zeros_like(value)
+        diff = {name: update(site, round_, name, value)
+                for name, value in received.params.items()}
         flare.send(FLModel(params=diff, params_type=ParamsType.DIFF,
                            meta={"NUM_STEPS_CURRENT_ROUND": 10 * site}))
 

@@ -4,7 +4,9 @@ DXO filters that quantize ``WEIGHTS`` and ``WEIGHT_DIFF`` on the CPU in
 every llmwire format and restore them to the original dtype and container
 (:class:`QuantizeFilter`, :class:`DequantizeFilter`), and a one-call helper
 that wires all four filter positions of a ``FedJob`` with explicit task
-names (:func:`add_filters`).
+names (:func:`add_filters`); and a FedAvg controller whose models travel
+over llmwire beside NVFlare's message path (:class:`OutOfBandFedAvg`, with
+:class:`OutOfBandClient` in the site's script).
 """
 
 try:
@@ -15,4 +17,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from .filters import META, DequantizeFilter, QuantizeFilter, add_filters
 
-__all__ = ["QuantizeFilter", "DequantizeFilter", "add_filters", "META"]
+from .outofband import LINK, LinkError, OutOfBandClient, OutOfBandFedAvg  # noqa: E402
+
+__all__ = ["QuantizeFilter", "DequantizeFilter", "add_filters", "META",
+           "OutOfBandFedAvg", "OutOfBandClient", "LinkError", "LINK"]

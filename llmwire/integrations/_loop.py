@@ -1,8 +1,9 @@
-"""An event loop on a thread of its own, for Flower's synchronous apps.
+"""An event loop on a thread of its own, for engines' synchronous apps.
 
-A ServerApp's strategy and a ClientApp's handler run synchronously; llmwire
-runs on asyncio. The loop thread keeps the connections alive (keepalive
-pings, flow control) while the app's thread trains or waits on Flower.
+A Flower strategy or an NVFlare controller, and a client's training code,
+run synchronously; llmwire runs on asyncio. The loop thread keeps the
+connections alive (keepalive pings, flow control) while the app's thread
+trains or waits on its engine.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import concurrent.futures
 import threading
 from typing import Any, Coroutine, TypeVar
 
-from ...transport.sockets import new_event_loop
+from ..transport.sockets import new_event_loop
 
 T = TypeVar("T")
 

@@ -1,7 +1,9 @@
 """A client's copy of the last global it received, on disk.
 
-Flower starts a fresh ClientApp process for every message, so the global a
-client holds between rounds lives in a file: a ``.safetensors`` file whose
+Out of band (llmwire.integrations._link), a client pulls the global as an
+update against the one it holds, so that global lives between rounds, and
+between processes (Flower starts a fresh ClientApp process for every
+message), in a file: a ``.safetensors`` file whose
 metadata names its reference (round and digest) and the run it belongs to.
 The file is named by run and node, written whole to a ``.part`` of its own
 (unique per writer), fsynced and renamed into place, so a file under the
@@ -23,12 +25,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ...checkpoints import Checkpoint, open_checkpoint
-from ...errors import CheckpointError, TargetMismatch
-from ...payloads.landing import TargetDir, pwrite_all
-from ...payloads.sinks import safetensors_header
-from ...rounds.reference import Reference, state_digest
-from ...tensors import view_tensor
+from ..checkpoints import Checkpoint, open_checkpoint
+from ..errors import CheckpointError, TargetMismatch
+from ..payloads.landing import TargetDir, pwrite_all
+from ..payloads.sinks import safetensors_header
+from ..rounds.reference import Reference, state_digest
+from ..tensors import view_tensor
 
 __all__ = ["GlobalCache"]
 
@@ -43,6 +45,10 @@ class GlobalCache:
         self.run = str(run)
         if not self.run.isalnum():
             raise ValueError(f"a run id is alphanumeric, got {run!r}")
+        node = str(node)
+        if not node or not all(c.isalnum() or c in "-_." for c in node) or node[0] == ".":
+            raise ValueError(f"a node id is a plain name (letters, digits, '-', '_', '.'), "
+                             f"got {node!r}")
         self.path = Path(directory) / f"run-{self.run}-node-{node}.safetensors"
 
     def reference(self) -> Reference | None:
