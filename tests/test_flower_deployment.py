@@ -12,7 +12,7 @@ pytest.importorskip("torch", reason="the Flower app trains torch models")
 pytest.importorskip("flwr", reason="needs Flower: pip install 'llmwire[flower]'")
 
 from llmwire.cli.bench import flower as bench  # noqa: E402
-from llmwire.cli.bench.flower import descendants  # noqa: E402
+from llmwire.cli.bench._tree import descendants  # noqa: E402
 
 PURE = os.environ.get("LLMWIRE_PURE_PYTHON", "") not in ("", "0")
 

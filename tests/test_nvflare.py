@@ -183,3 +183,79 @@ def test_nvflare_layout_decodes_bit_for_bit_as_bitsandbytes_both_ways(fmt):
     assert torch.equal(theirs.reshape(t.shape), ours["w"])  # bitsandbytes reads what we wrote
     got, _ = layout.decode({"w": q}, {**meta, "quant_state": {"w": their_meta}})
     assert torch.equal(got["w"], reference.reshape(t.shape))  # and we read what it wrote
+
+
+def _server_ctx(site, round_, job="job-1"):
+    """A server-side filter's context: the site it runs for, the job."""
+    ctx = FLContext()
+    ctx.set_prop("__identity_name__", "server", private=True, sticky=False)
+    ctx.set_prop("__run_num__", job, private=True, sticky=False)
+    peer = FLContext()
+    peer.set_prop("__identity_name__", site, private=True, sticky=False)
+    ctx.set_peer_context(peer)
+    return ctx
+
+
+def _site_ctx(site, job="job-1"):
+    ctx = FLContext()
+    ctx.set_prop("__identity_name__", site, private=True, sticky=False)
+    ctx.set_prop("__run_num__", job, private=True, sticky=False)
+    return ctx
+
+
+def _run_filter(flt, dxo, ctx, round_=None):
+    shareable = dxo.to_shareable()
+    if round_ is not None:
+        shareable.set_header("current_round", round_)
+    return from_shareable(flt.process(shareable, ctx))
+
+
+def test_the_downlink_is_a_delta_against_what_the_sites_hold(tmp_path):
+    """Round 1: the global in bf16 to both sites; then the nf4 delta against
+    the mirror, encoded once for both; each site's restored global is the
+    server's mirror bit for bit, within one round's nf4 error of the true
+    global (errors do not pile up); a site that did not say what it holds,
+    or lost its cache, gets the mirror raw, or a clear error."""
+    from llmwire.rounds.exchange import Diverged
+
+    torch.manual_seed(0)
+    global_ = {"w": torch.randn(300, 257), "b": torch.randn(4096).to(torch.bfloat16),
+               "n": torch.tensor([1, 2])}
+    server_q = QuantizeFilter(weights="bf16", down="nf4", min_elements=1)
+    server_d = DequantizeFilter()
+    sites = {s: (DequantizeFilter(cache_dir=str(tmp_path / s)),
+                 QuantizeFilter(diffs="nf4", min_elements=1)) for s in ("site-1", "site-2")}
+    for round_ in range(4):
+        task = DXO(DataKind.WEIGHTS, global_, {"r": round_})
+        sent = {s: _run_filter(server_q, task, _server_ctx(s, round_), round_) for s in sites}
+        modes = {s: d.meta["llmwire"]["downlink"] for s, d in sent.items()}
+        assert set(modes.values()) == ({"whole"} if round_ == 0 else {"update"}), modes
+        if round_:
+            assert all(sent["site-1"].data[k] is sent["site-2"].data[k] for k in global_)
+        for site, (restore, encode) in sites.items():
+            got = _run_filter(restore, sent[site], _site_ctx(site)).data
+            assert got["b"].dtype == torch.bfloat16 and torch.equal(got["n"], global_["n"])
+            error = float((got["w"] - global_["w"]).abs().max())
+            assert error < (0.03 if round_ == 0 else 0.01), (round_, error)  # bf16, then nf4
+            diff = {k: torch.zeros_like(v, dtype=torch.float32) if v.is_floating_point()
+                    else v for k, v in got.items()}
+            result = _run_filter(encode, DXO(DataKind.WEIGHT_DIFF, diff), _site_ctx(site))
+            assert result.meta["llmwire"]["holds"] == sent[site].meta["llmwire"]["reference"]
+            _run_filter(server_d, result, _server_ctx(site, round_))
+        # the true global moves on by a small step, as FedAvg's would
+        global_ = {"w": global_["w"] + 0.01 * torch.randn(300, 257),
+                   "b": (global_["b"].float() + 0.01).to(torch.bfloat16), "n": global_["n"]}
+    # a site the server heard nothing from gets the mirror whole, raw
+    task = DXO(DataKind.WEIGHTS, global_, {})
+    stranger = _run_filter(server_q, task, _server_ctx("site-3", 9), 9)
+    assert stranger.meta["llmwire"]["downlink"] == "whole"
+    assert {_encoding.from_blob(v).stype for v in stranger.data.values()} == {"llmwire/1/raw"}
+    new = DequantizeFilter(cache_dir=str(tmp_path / "site-3"))
+    assert torch.equal(_run_filter(new, stranger, _site_ctx("site-3")).data["b"],
+                       server_q._downlink.mirror["b"])
+    # a site whose cache is gone cannot add the delta: a clear error, nothing restored
+    update = _run_filter(server_q, task, _server_ctx("site-1", 9), 9)
+    assert update.meta["llmwire"]["downlink"] == "update"
+    with pytest.raises(Diverged, match="needs whole weights"):
+        _run_filter(DequantizeFilter(cache_dir=str(tmp_path / "empty")), update,
+                    _site_ctx("site-1"))

@@ -86,6 +86,10 @@ def test_filters_in_a_simulated_job_match_fedavg_of_the_clients_updates(tmp_path
     assert not rc, f"simulator_run returned {rc}"
     # nf4 deltas of 0.01-scale noise: ~1e-3 per round; bf16 weights: ~4e-3
     _check_final(tmp_path, rounds, 5e-3)
+    log = (tmp_path / "server" / "log.txt").read_text()
+    for site in sites:  # round 0 whole (bf16), round 1 the nf4 delta against it
+        assert f"llmwire downlink to {site}: whole" in log
+        assert f"llmwire downlink to {site}: update" in log
 
 
 @pytest.mark.skipif(PURE, reason="run once, in the pass with the C kernels")

@@ -38,6 +38,7 @@ from ..rounds.update import _format_for, _to_float32, add_into
 from ..tensors import DTYPES, TensorView, view_tensor
 
 __all__ = ["LAYOUT", "STYPE_PREFIX", "ZERO_STYPE", "Packed", "encode_array", "encode_state",
+           "encode_delta", "apply_update",
            "decode_state", "decode_into", "encode_update", "record_digest", "is_encoded", "Folder",
            "wire_bytes", "to_blob", "from_blob", "is_blob", "tied_names"]
 
@@ -280,18 +281,78 @@ def encode_update(local: Mapping[str, Any], base: Record, fmt: str = "nf4", *,
         if view.shape != spec.shape or view.dtype != spec.dtype:
             raise TargetMismatch(f"{name!r}: local {view.dtype} {view.shape}, the base "
                                  f"{spec.dtype} {spec.shape}")
-        record[name] = _update_array(name, view, spec, parts, fmt, min_elements, block_size,
-                                     nested)
+
+        def restored(start: int, stop: int, out: np.ndarray, spec: TensorSpec = spec,
+                     parts: list[np.ndarray] = parts) -> np.ndarray:
+            return _restored(spec, parts, start, stop, out)
+
+        record[name] = _update_array(name, view, spec, restored, fmt, min_elements,
+                                     block_size, nested)
     return record
 
 
-def _update_array(name: str, view: TensorView, spec: TensorSpec, parts: list[np.ndarray],
-                  fmt: str, min_elements: int, block_size: int | None, nested: bool) -> Packed:
+def encode_delta(local: Mapping[str, Any], base: Mapping[str, Any], fmt: str = "nf4", *,
+                 min_elements: int = MIN_ELEMENTS, block_size: int | None = None,
+                 nested: bool = False) -> dict[str, Packed]:
+    """:func:`encode_update` against a base held as tensors (a state dict,
+    or a lazily read checkpoint: read slice by slice) instead of a record."""
+    if set(local) != set(base):
+        raise TargetMismatch(f"the base does not hold the state's tensors exactly "
+                             f"(unknown {sorted(set(base) - set(local))[:5]}, missing "
+                             f"{sorted(set(local) - set(base))[:5]})")
+    record: dict[str, Packed] = {}
+    for name, tensor in base.items():
+        held, view = view_tensor(tensor), view_tensor(local[name])
+        if view.shape != held.shape or view.dtype != held.dtype:
+            raise TargetMismatch(f"{name!r}: local {view.dtype} {view.shape}, the base "
+                                 f"{held.dtype} {held.shape}")
+        spec = make_spec(held.dtype, held.shape, "raw")
+
+        def restored(start: int, stop: int, out: np.ndarray, held: TensorView = held
+                     ) -> np.ndarray:
+            return held.slice(start, stop, out)
+
+        record[name] = _update_array(name, view, spec, restored, fmt, min_elements,
+                                     block_size, nested)
+    return record
+
+
+def apply_update(record: Record, state: Mapping[str, Any]) -> None:
+    """Add an update record (:func:`encode_update`, :func:`encode_delta`) to
+    ``state``'s tensors, in place, as every receiver of it does (the same
+    bits wherever it runs: :func:`llmwire.rounds.add_into`): float32 deltas
+    added, zero entries skipped, integer values replaced."""
+    _check_names(record, state)
+    for name, array in record.items():
+        if array.stype == ZERO_STYPE:
+            continue
+        spec, mode, parts = _unpack(array, name)
+        view = view_tensor(state[name])
+        if view.shape != spec.shape or view.dtype != array.dtype:
+            raise TargetMismatch(f"{name!r}: the update is for {array.dtype} {spec.shape}, "
+                                 f"the tensor is {view.dtype} {view.shape}")
+        if mode == "value":
+            decode_into(array, state[name], name)
+            continue
+        flat = view.flat
+        if flat is None or not view.array.flags.writeable:
+            raise TargetMismatch(f"{name!r}: not a writable contiguous tensor")
+        wide = np.empty(min(max(spec.numel, 1), _SLICE), np.float32)
+        for start, stop in _slices(spec):
+            values = _restored(spec, parts, start, stop, wide[:stop - start])
+            add_into(flat[start:stop], view.dtype, values)
+
+
+def _update_array(name: str, view: TensorView, spec: TensorSpec,
+                  restored: Callable[[int, int, np.ndarray], np.ndarray], fmt: str,
+                  min_elements: int, block_size: int | None, nested: bool) -> Packed:
+    """``view - base`` as one update entry; ``restored(start, stop, out)``
+    gives the base's elements ``[start, stop)`` (of ``spec``'s dtype)."""
     info = DTYPES[view.dtype]
     held = np.empty(min(max(spec.numel, 1), _SLICE),
                     np.uint16 if view.dtype == "bfloat16" else info.numpy)
     if not info.is_float:
-        same = all(np.array_equal(view.slice(s, e), _restored(spec, parts, s, e, held[:e - s]))
+        same = all(np.array_equal(view.slice(s, e), restored(s, e, held[:e - s]))
                    for s, e in _slices(spec))
         if same:
             return Packed(view.dtype, view.shape, ZERO_STYPE, b"")
@@ -308,7 +369,7 @@ def _update_array(name: str, view: TensorView, spec: TensorSpec, parts: list[np.
     def source(start: int, stop: int) -> np.ndarray:
         nonlocal changed
         count = stop - start
-        base = _restored(spec, parts, start, stop, held[:count])
+        base = restored(start, stop, held[:count])
         mine = view.slice(start, stop)
         if view.dtype == "float32":
             np.subtract(mine, base, out=out[:count])

@@ -37,18 +37,16 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from typing import Any
 
-from ..synthetic import model_size
-from ._rss import rss_bytes
+from ._tree import TreeSampler, argv_of, descendants, signal_if_same, started_at
+from ._engine import add_engine_arguments, engine_modes
 from ._timing import format_table
 
 __all__ = ["add_arguments", "run", "measure", "MODES", "Deployment"]
 
 MIB = 1 << 20
-DEFAULT_PARAMS = 64 * MIB
 MODES = ("stock", "mod", "inmessage", "oob")
 APP = pathlib.Path(__file__).with_name("flower_app")
 #: the formats of each mode: the global (or mean update) down, the updates up
@@ -60,118 +58,23 @@ ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the bench's options to ``parser``."""
-    parser.add_argument("--params", type=model_size, default=DEFAULT_PARAMS,
-                        help=f"parameters of the synthetic model (default: {DEFAULT_PARAMS}, "
-                             "about 256 MiB in fp32)")
-    parser.add_argument("--clients", type=int, default=2, help="SuperNodes (default: 2)")
-    parser.add_argument("--rounds", type=int, default=2, help="FedAvg rounds (default: 2)")
-    parser.add_argument("--modes", default=",".join(MODES),
-                        help=f"comma-separated, of {', '.join(MODES)} (default: all)")
+    add_engine_arguments(parser, MODES, "SuperNodes")
     parser.add_argument("--port", type=int, default=0,
                         help="the SuperLink's first port (default: a free one)")
-    parser.add_argument("--timeout", type=float, default=1800.0,
-                        help="seconds one mode's run may take (default: 1800)")
-    parser.add_argument("--json", action="store_true",
-                        help='print one JSON object with a "modes" list')
 
 
 # ------------------------------------------------------------------ processes
 
-
-def _stat_field(pid: int | str, index: int) -> int | None:
-    """Field ``index`` of /proc/PID/stat after the command name (0: state;
-    1: the parent; 19: the start time), or None once the process is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[index])
-    except (OSError, IndexError, ValueError):
-        return None
+_ROLES = {"flwr-serverapp": "serverapp", "flwr-clientapp": "clientapp"}
 
 
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (parent := _stat_field(entry, 1)) is not None:
-            tree.setdefault(parent, []).append(int(entry))
-    return tree
-
-
-def descendants(roots: list[int]) -> set[int]:
-    """Every live process below ``roots`` (from /proc)."""
-    tree, seen, todo = _children(), set(), list(roots)
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            if child not in seen:
-                seen.add(child)
-                todo.append(child)
-    return seen
-
-
-def _kind(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-    except OSError:
-        return ""
-    for arg in argv[:2]:
+def _flower_role(pid: int) -> str:
+    """A process below a SuperLink or SuperNode: its app's role, or ``other``."""
+    for arg in argv_of(pid)[:2]:
         name = os.path.basename(arg)
         if name.startswith(("flwr-", "flower-")):
-            return name
-    return os.path.basename(argv[0]) if argv else ""
-
-
-def _rss(pid: int) -> int:
-    """Resident bytes of ``pid`` (0 once it is gone)."""
-    try:
-        return rss_bytes(pid)[0]
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-class TreeSampler:
-    """Samples the RSS of a deployment's processes every ``interval`` s:
-    peaks per role (``superlink``, ``supernode``, ``serverapp``,
-    ``clientapp``), keeping per process its first sample (its idle RSS)."""
-
-    ROLES = {"flwr-serverapp": "serverapp", "flwr-clientapp": "clientapp"}
-
-    def __init__(self, superlink: int, supernodes: list[int], interval: float = 0.05) -> None:
-        self.roots = {superlink: "superlink", **{pid: "supernode" for pid in supernodes}}
-        self.interval = interval
-        self.peaks: dict[int, int] = {}
-        self.first: dict[int, int] = {}
-        self.role: dict[int, str] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="tree-sampler", daemon=True)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            for pid in set(self.roots) | descendants(list(self.roots)):
-                if pid not in self.role:
-                    self.role[pid] = self.roots.get(pid) or self.ROLES.get(_kind(pid), "other")
-                rss = _rss(pid)
-                if rss:
-                    self.first.setdefault(pid, rss)
-                    self.peaks[pid] = max(self.peaks.get(pid, 0), rss)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "TreeSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def peak(self, role: str, idle: dict[int, int] | None = None) -> tuple[int, int]:
-        """``(peak, idle)`` of the role's largest process (0, 0 if none ran):
-        idle is what the process reported before it held a model (``idle``,
-        by pid), else its first sample."""
-        pids = [p for p, r in self.role.items() if r == role and p in self.peaks]
-        if not pids:
-            return 0, 0
-        top = max(pids, key=lambda p: self.peaks[p])
-        return self.peaks[top], (idle or {}).get(top, self.first[top])
+            return _ROLES.get(name, "other")
+    return "other"
 
 
 class Deployment:
@@ -300,10 +203,10 @@ class Deployment:
     def stop(self) -> None:
         """SIGTERM every process started and every process below them (the
         SuperExecs run in sessions of their own), then SIGKILL what is left."""
-        below = {pid: _started(pid) for pid in
+        below = {pid: started_at(pid) for pid in
                  descendants([p.pid for p in self.processes if p.poll() is None])}
         for pid in below:
-            _signal(pid, below[pid], signal.SIGTERM)
+            signal_if_same(pid, below[pid], signal.SIGTERM)
         for process in self.processes:
             if process.poll() is None:
                 try:
@@ -324,22 +227,8 @@ class Deployment:
             if process.poll() is None:
                 process.wait(10)
         for pid, started in below.items():  # only if it is still the process we saw
-            _signal(pid, started, signal.SIGKILL)
+            signal_if_same(pid, started, signal.SIGKILL)
         self.processes.clear()
-
-
-def _started(pid: int) -> int | None:
-    """A process's start time (clock ticks since boot): with its pid, who it is."""
-    return _stat_field(pid, 19)
-
-
-def _signal(pid: int, started: int | None, sig: int) -> None:
-    if started is None or _started(pid) != started:
-        return  # gone, or the pid now names another process
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _tool(name: str) -> str:
@@ -382,8 +271,9 @@ def _one_mode(mode: str, params: int, clients: int, rounds: int, port: int, time
         shutil.copytree(APP, app, ignore=shutil.ignore_patterns("__pycache__"))
     with Deployment(workdir / mode, clients, port) as deployment:
         assert deployment.superlink is not None
-        with TreeSampler(deployment.superlink.pid, [p.pid for p in deployment.supernodes]
-                         ) as sampler:
+        roots = {deployment.superlink.pid: "superlink",
+                 **{p.pid: "supernode" for p in deployment.supernodes}}
+        with TreeSampler(roots, _flower_role) as sampler:
             time.sleep(0.5)  # idle samples of the SuperLink and SuperNodes
             outcome = deployment.run(app, config, timeout)
     if not outcome["status"].startswith("finished:completed"):
@@ -482,23 +372,8 @@ def measure(modes: list[str], params: int, clients: int, rounds: int, port: int 
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        import flwr  # noqa: F401
-    except ImportError:
-        print("llmwire bench flower: needs Flower: pip install 'llmwire[flower]'",
-              file=sys.stderr)
-        return 2
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
-    if bad or not modes:
-        print(f"llmwire bench flower: --modes takes {', '.join(MODES)}, got {args.modes!r}",
-              file=sys.stderr)
-        return 2
-    if args.clients < 1 or args.rounds < 1:
-        print("llmwire bench flower: --clients and --rounds must be positive", file=sys.stderr)
-        return 2
-    if not sys.platform.startswith("linux"):
-        print("llmwire bench flower: samples memory through /proc: Linux only", file=sys.stderr)
+    modes = engine_modes("flower", "Flower", "flwr", args, MODES)
+    if modes is None:
         return 2
     say = None if args.json else (lambda text: print(text, file=sys.stderr, flush=True))
     result = measure(modes, args.params, args.clients, args.rounds, args.port, args.timeout,
