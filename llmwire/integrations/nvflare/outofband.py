@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any, Mapping
 
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.workflows.base_fedavg import BaseFedAvg
 
 from .._link import LinkClient, LinkError, LinkServer
+from .filters import default_cache_dir
 from ...errors import LlmwireError
 
 __all__ = ["OutOfBandFedAvg", "OutOfBandClient", "LinkError", "LINK"]
@@ -49,7 +49,10 @@ class OutOfBandFedAvg(BaseFedAvg):
     NVFlare's own channel as you would the model. ``gather_timeout``: how
     long a round's downlink waits for all sampled sites to connect;
     ``upload_timeout``: how long the round waits for the uploads of sites
-    that replied; ``task_timeout``: NVFlare's task timeout (0: none). The
+    that replied; ``task_timeout``: NVFlare's task timeout (0: none).
+    ``certfile``/``keyfile``: TLS for the llmwire link (PEM files on the
+    server; sites then pass ``ssl=`` a client context to
+    :class:`OutOfBandClient`). The
     FedAvg weight of a site is the ``NUM_STEPS_CURRENT_ROUND`` it reports
     (:meth:`OutOfBandClient.reply`). Arguments are plain values, as a
     ``FedJob`` writes them into the job's config.
@@ -60,7 +63,8 @@ class OutOfBandFedAvg(BaseFedAvg):
                  down: str = "nf4", up: str = "nf4", host: str = "127.0.0.1", port: int = 0,
                  advertise: str | None = None, gather_timeout: float = 30.0,
                  upload_timeout: float = 600.0, task_timeout: int = 0,
-                 sums: str = "float32") -> None:
+                 sums: str = "float32", certfile: str | None = None,
+                 keyfile: str | None = None) -> None:
         super().__init__(num_clients=num_clients, num_rounds=num_rounds,
                          start_round=start_round, persistor_id=persistor_id)
         for fmt in (down, up):
@@ -70,6 +74,7 @@ class OutOfBandFedAvg(BaseFedAvg):
         self.host, self.port, self.advertise = host, port, advertise
         self.gather_timeout, self.upload_timeout = gather_timeout, upload_timeout
         self.task_timeout, self.sums = task_timeout, sums
+        self.certfile, self.keyfile = certfile, keyfile
         self.link: LinkServer | None = None
         #: per round: sites counted, downlink modes, failures, bytes (the link's)
         self.history: list[dict[str, Any]] = []
@@ -80,8 +85,14 @@ class OutOfBandFedAvg(BaseFedAvg):
         if not state:
             raise LlmwireError("the persistor gave no model: OutOfBandFedAvg needs the "
                                "initial global from persistor_id")
+        context = None
+        if self.certfile:
+            import ssl
+
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(self.certfile, self.keyfile)
         self.link = LinkServer(state, down=self.down, up=self.up, host=self.host,
-                               port=self.port, advertise=self.advertise,
+                               port=self.port, advertise=self.advertise, ssl=context,
                                gather_timeout=self.gather_timeout,
                                upload_timeout=self.upload_timeout, sums=self.sums,
                                name="llmwire-nvflare-server")
@@ -133,12 +144,6 @@ class OutOfBandFedAvg(BaseFedAvg):
         self.info(f"round {round_}: {len(record['clients'])} of {len(sites)} updates, "
                   f"{record['up_bytes']} bytes up, {record['down_bytes']} down ({modes})")
         return True
-
-
-def default_cache_dir() -> Path:
-    """``$LLMWIRE_NVFLARE_CACHE``, else ``~/.cache/llmwire/nvflare``."""
-    return Path(os.environ.get("LLMWIRE_NVFLARE_CACHE")
-                or Path.home() / ".cache" / "llmwire" / "nvflare")
 
 
 class OutOfBandClient(LinkClient):
