@@ -74,11 +74,12 @@ def _check_final(workspace, rounds, tolerance, quantized=True):
 
 
 @pytest.mark.skipif(PURE, reason="run once, in the pass with the C kernels")
-def test_filters_in_a_simulated_job_match_fedavg_of_the_clients_updates(tmp_path):
+def test_filters_in_a_simulated_job_match_fedavg_of_the_clients_updates(tmp_path, monkeypatch):
     from nvflare.app_common.workflows.fedavg import FedAvg
 
     from llmwire.integrations.nvflare import add_filters
 
+    monkeypatch.setenv("LLMWIRE_NVFLARE_CACHE", str(tmp_path / "cache"))  # the sites' globals
     rounds, sites = 2, ["site-1", "site-2"]
     job = _job("llmwire_filters", FedAvg(num_clients=2, num_rounds=rounds), "client.py", sites)
     add_filters(job, sites, tasks=["train"], weights="bf16", diffs="nf4")

@@ -97,7 +97,8 @@ def _server_pid(sampler: TreeSampler) -> int | None:
     return next(iter(parents), None)
 
 
-_FAILED = ("failed:", "processing error", "Error:", "AssertionError", "Exception:")
+_FAILED = ("failed:", "processing error", "Error:", "AssertionError", "Exception:",
+           " - ERROR - ")
 
 
 def _error(workspace: pathlib.Path, log: str) -> str:
@@ -149,6 +150,7 @@ def _one_mode(mode: str, params: int, clients: int, rounds: int, ckpt: str, time
     # the job, and the simulator's processes below it, run this very llmwire
     root = str(pathlib.Path(__file__).resolve().parents[3])
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "LLMWIRE_NVFLARE_CACHE": str(out / "cache"),  # the filters' site files
            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     with open(log_path, "wb") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,

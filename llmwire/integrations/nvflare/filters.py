@@ -31,7 +31,10 @@ server named; the error of one round's delta does not carry into the next.
 
 from __future__ import annotations
 
+import os
+import secrets
 import threading
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -39,9 +42,6 @@ from nvflare.apis.dxo import DXO, DataKind
 from nvflare.apis.dxo_filter import DXOFilter
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
-
-import os
-from pathlib import Path
 
 from ...errors import LlmwireError, PayloadError
 from ...quant.codec import MIN_ELEMENTS
@@ -191,6 +191,9 @@ class _Downlink:
 
     def __init__(self, owner: QuantizeFilter) -> None:
         self.owner = owner
+        # names the sites' cache files: job ids repeat (the simulator's is
+        # always "simulate_job"), and two runs must never share a site's file
+        self.run = secrets.token_hex(8)
         self.key: Any = None  # the round being sent: its number and its data's id
         self.held: Any = None
         self.mirror: dict[str, Any] | None = None
@@ -240,7 +243,7 @@ class _Downlink:
         assert self.reference is not None
         meta = _meta(dxo.meta, dxo.data)
         meta[META].update(downlink=downlink, reference=self.reference.to_wire(),
-                          base=base.to_wire() if base is not None else None)
+                          base=base.to_wire() if base is not None else None, run=self.run)
         return meta
 
 
@@ -317,7 +320,10 @@ class DequantizeFilter(DXOFilter):
                 containers: Mapping[str, str], fl_ctx: FLContext) -> dict[str, Any]:
         """The round's global on a site: whole, or the held one plus the delta."""
         site = str(fl_ctx.get_identity_name())
-        cache = GlobalCache(self.cache_dir or default_cache_dir(), _run(fl_ctx), site)
+        run = info.get("run")
+        if not isinstance(run, str) or not run.isalnum():
+            raise PayloadError(f"{site}: the global names no run for its cache ({run!r})")
+        cache = GlobalCache(self.cache_dir or default_cache_dir(), run, site)
         if info.get("downlink") == "update":
             base = Reference.from_wire(info.get("base"))
             out = {name: _empty(name, entry, containers.get(name, "numpy"))
