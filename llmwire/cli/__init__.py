@@ -36,6 +36,8 @@ examples:
   export LLMWIRE_SECRET=...             the shared secret (or --secret-file F)
   llmwire recv --listen 0.0.0.0:7070 --out incoming/
   llmwire send model.safetensors --to HOST:7070 --quantize nf4
+  llmwire send MODEL_DIR/ --to HOST:7070 --quantize nf4
+                                        a Hugging Face model directory, landed whole
   llmwire send data.tar --to HOST:7070  run it again after a failure: it resumes
   llmwire demo                          send a built-in 25M-parameter model in every format
   llmwire demo --params 100M --formats nf4,fp16
