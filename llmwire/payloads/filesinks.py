@@ -112,6 +112,7 @@ class _SafetensorsPart:
         self.name, self.shown = name, shown
         self.file = PartFile(directory, name, shown)
         self.ledger = _Ledger()
+        self.recorded = 0  # ledger records already in the resume record
         self.digest = ""
 
     @property
@@ -123,6 +124,7 @@ class _SafetensorsPart:
         self.file.truncate(0)
         self.file.write(self.head, 0)
         self.ledger.records = []
+        self.recorded = 0
         self.ledger.add(0, self.head)
         self.file.truncate(self.size)
 
@@ -157,6 +159,7 @@ class _FilesSink(StateDictSink):
         self._loaded: tuple[ResumePoint, list[tuple[int, int, int, int]]] | None = None
         self._manifest = ""
         self._resuming = False
+        self._source: str | None = None  # the resumable sender's source fingerprint
         self._receipt: dict[str, Any] = {}
 
     # -- layout, by the subclass
@@ -182,8 +185,9 @@ class _FilesSink(StateDictSink):
             self._store = ResumeStore(self._dir, record)
             self._manifest = manifest_digest(manifest.to_bytes())
             self._loaded = self._store.load(self._manifest, self._total)
-            if self._loaded is not None and any(
-                    part.file.size() != part.size for part in self._parts):
+            if self._loaded is not None and (
+                    any(part.file.size() != part.size for part in self._parts)
+                    or any(r[0] >= len(self._parts) for r in self._loaded[1])):
                 self._loaded = None  # a .part that is not the one recorded
             held = sum(part.file.allocated() for part in self._parts) if self._loaded else 0
             check_free_space(self._dir.fd, self._total - held, self._shown)
@@ -227,8 +231,12 @@ class _FilesSink(StateDictSink):
                 self._source = point.source
                 return point
             point, records = self._loaded
+            for part in self._parts:
+                part.ledger.records = []
             for number, offset, length, digest in records:
                 self._parts[number].ledger.records.append((offset, length, digest))
+            for part in self._parts:
+                part.recorded = len(part.ledger.records)
             self._store.reset(records)
             self._source = point.source
             return point
@@ -242,9 +250,8 @@ class _FilesSink(StateDictSink):
         records = []
         for number, part in enumerate(self._parts):
             # records are only ever appended: the new ones follow those recorded
-            done = getattr(part, "_recorded", 0)
-            records += [(number, *r) for r in part.ledger.records[done:]]
-            part._recorded = len(part.ledger.records)  # type: ignore[attr-defined]
+            records += [(number, *r) for r in part.ledger.records[part.recorded:]]
+            part.recorded = len(part.ledger.records)
         try:
             self._store.append(records)
             if durable:
