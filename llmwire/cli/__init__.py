@@ -29,7 +29,7 @@ from .common import (
 __all__ = ["main", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_CONNECTION", "EXIT_AUTH",
            "EXIT_REFUSED", "EXIT_INTEGRITY", "EXIT_INTERRUPTED", "EXIT_TERMINATED"]
 
-_BENCHES = ("quant", "wire", "stream", "file", "round", "learn", "flower")
+_BENCHES = ("quant", "wire", "stream", "file", "round", "learn", "flower", "scale")
 
 _EPILOG = """\
 examples:
@@ -124,7 +124,7 @@ def _build_parser() -> argparse.ArgumentParser:
     profile.add_arguments(profile_parser)
 
     bench = commands.add_parser("bench", help="benchmarks (quant, wire, stream, file, round, "
-                                              "learn, flower)",
+                                              "learn, flower, scale)",
                                 description="Benchmarks; each prints medians of repeated runs "
                                             "and ratios against a baseline measured in the "
                                             "same run (learn: held-out loss against fp32's).")
