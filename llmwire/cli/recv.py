@@ -16,7 +16,8 @@ from typing import Any
 
 from ..sharding import DEFAULT_MAX_SHARD_SIZE, parse_size
 from ..errors import (
-    ConnectionClosed, FileTransferError, LlmwireError, PayloadRefused, TransferInterrupted,
+    ConnectionClosed, FileTransferError, LlmwireError, PayloadRefused, StreamCancelled,
+    TransferInterrupted,
 )
 from .common import (
     EXIT_CONNECTION, EXIT_ERROR, SECRET_ENV, CliError, Progress, add_common_arguments,
@@ -195,7 +196,10 @@ class _Receiver:
                 raise
             await receive_state_dict(stream, sink, progress=progress)
         except (LlmwireError, OSError) as exc:
-            self._warn(peer, f"state dict {name!r} failed: {exc}")
+            kept = " (what landed is kept as .part: send it again to resume)" if isinstance(
+                exc, (ConnectionClosed, TransferInterrupted, StreamCancelled)) \
+                and "resume" in stream.header else ""
+            self._warn(peer, f"state dict {name!r} failed: {exc}{kept}")
             if isinstance(exc, (ConnectionClosed, TransferInterrupted)):
                 return None
             return 0

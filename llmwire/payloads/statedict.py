@@ -11,6 +11,11 @@ The receiver reads the manifest, lets the sink validate it, then reads each
 slice into a reused staging buffer and restores it on the thread pool (into
 the sink's target tensor, or through ``sink.write``) while it reads the
 next. Raw slices go straight into the target tensor.
+
+A resumable stream (``resumable=True``) waits after the manifest for the
+receiver's resume point, skips the slices it already holds (encoding them
+only into the body digest's chain, :mod:`llmwire.payloads.resume`) and ends
+with the chain over the whole body.
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ import numpy as np
 from ..errors import (
     ConnectionClosed, FileWriteError, IntegrityError, LlmwireError, LocalProtocolError,
     ManifestError, PayloadError, PayloadRefused, QuantizationError, ResumeMismatch,
-    StreamCancelled, StreamError, TransferInterrupted,
+    SourceChanged, StreamCancelled, StreamError, TransferInterrupted,
 )
+from ..frames import ErrorCode
 from ..quant import codec
 from ..quant.codec import FLOAT_DTYPES, MIN_ELEMENTS, TensorSpec, make_spec
 from ..quant.formats import get_format
@@ -363,8 +369,20 @@ def _raise_verdict(verdict: dict[Any, Any], name: Any, stream_id: int,
 
 
 async def _cancel_quietly(stream: Any, exc: BaseException) -> None:
+    # Only an interruption (the sender stopped or cancelled, a refused resume)
+    # leaves what landed good for a resumed transfer, and says so with CANCEL.
+    # A source that changed while it was read sent a mix of two versions
+    # (INTEGRITY_ERROR), and a sender that refused its own data (NaN under
+    # --nonfinite raise...) is no interruption (INTERNAL_ERROR): discard both.
+    if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, ConnectionClosed,
+                        ResumeMismatch)):
+        code = ErrorCode.CANCEL
+    elif isinstance(exc, SourceChanged):
+        code = ErrorCode.INTEGRITY_ERROR
+    else:
+        code = ErrorCode.INTERNAL_ERROR
     try:
-        await asyncio.shield(stream.cancel(reason=f"{type(exc).__name__}: {exc}"[:200]))
+        await asyncio.shield(stream.cancel(code, reason=f"{type(exc).__name__}: {exc}"[:200]))
     except (LlmwireError, asyncio.CancelledError):
         pass
 
@@ -629,8 +647,10 @@ async def _receive(stream: RecvStream, sink: StateDictSink, max_bytes: int | Non
 
 def _interrupted(exc: BaseException) -> bool:
     """A failure that leaves what landed good for a resumed transfer: the
-    connection or the sender went away, or someone stopped the receiver."""
-    if isinstance(exc, IntegrityError):
+    connection or the sender went away or was stopped (it cancels with
+    CANCEL), or someone stopped the receiver."""
+    if isinstance(exc, IntegrityError) or isinstance(exc, StreamCancelled) \
+            and exc.remote and exc.code != ErrorCode.CANCEL:
         return False
     return isinstance(exc, (ConnectionClosed, StreamError, TransferInterrupted,
                             asyncio.CancelledError, GeneratorExit, ConnectionError))
