@@ -247,9 +247,10 @@ def _one(ctx: Any, arch_name: str, fmt: str, into: str, workdir: str,
 
 
 def measure(arch_name: str, formats: list[str], into: str, runs: int, workdir: str,
-            max_shard: int, source: str | None = None) -> dict[str, Any]:
+            max_shard: int, source: str | None = None, progress: bool = False
+            ) -> dict[str, Any]:
     """``source``: the path of a checkpoint of the generated model to send
-    (None: generate in the sender)."""
+    (None: generate in the sender); ``progress``: a line on stderr per run."""
     from ._generated import ARCHS
 
     ctx = mp.get_context("spawn")
@@ -262,6 +263,11 @@ def measure(arch_name: str, formats: list[str], into: str, runs: int, workdir: s
             row = _one(ctx, arch_name, fmt, into, workdir, max_shard, source)
             rows.append({"run": number + 1, "params": arch_name, "parameters": arch.params,
                          "source": "generated" if source is None else "checkpoint", **row})
+            if progress:  # a long run says how far it got
+                print(f"llmwire bench scale: run {number + 1}/{runs} {fmt}: "
+                      f"{row['bytes'] / 1e9:.1f} GB in {row['seconds']:.0f} s, sender "
+                      f"+{row['sender_peak_mib']:.0f} MiB, receiver "
+                      f"+{row['receiver_peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
     raw.append(baseline / _one_run(ctx, _raw_receiver, _raw_sender, baseline, 4 * MIB) / 1e9)
     raw_gbps = statistics.median(raw)
     summary = {}
@@ -324,7 +330,7 @@ def run(args: argparse.Namespace) -> int:
             source = os.path.join(scratch, "model")
             write_checkpoint(ARCHS[args.params], source, max_shard)
         r = measure(args.params, formats, args.receiver, args.runs, workdir, max_shard,
-                    source)
+                    source, progress=True)
     except RuntimeError as exc:  # a child failed, died or went silent: its reason
         print(f"llmwire bench scale: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
