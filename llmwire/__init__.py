@@ -22,7 +22,8 @@ from .quant import (
 from .errors import (
     LlmwireError, LocalProtocolError, ManifestError, NonFiniteError, PayloadError,
     ProtocolError, QuantizationError, RemoteProtocolError, TargetMismatch,
-    FileIntegrityError, FileTransferError, FileWriteError, SourceChanged, TargetExists,
+    FileIntegrityError, FileTransferError, FileWriteError, ResumeMismatch, SourceChanged,
+    TargetExists,
     TransferInterrupted, TransferRefused, UnsafeFileName, CheckpointError, PayloadRefused,
     TargetBusy,
     AuthenticationError, BadPreface, ChecksumMismatch, ConnectionClosed, ConnectionLost,
@@ -32,7 +33,8 @@ from .errors import (
 )
 from .payloads import (
     FileResult, receive_file, send_file,
-    InPlaceSink, Manifest, MemorySink, SafetensorsSink, StateDictSink, TransferResult,
+    InPlaceSink, Manifest, MemorySink, SafetensorsSink, ShardedSink, StateDictSink,
+    TransferResult,
     iter_state_dict, plan_state_dict, receive_object, receive_state_dict, send_object,
     send_state_dict,
 )
@@ -72,10 +74,11 @@ __all__ = [
     "Transport", "connect", "connect_unix", "memory_pair", "run", "serve", "serve_unix",
     # payloads
     "PayloadError", "ManifestError", "TargetMismatch", "InPlaceSink", "Manifest",
-    "MemorySink", "SafetensorsSink", "StateDictSink", "TransferResult", "iter_state_dict",
+    "MemorySink", "SafetensorsSink", "ShardedSink", "StateDictSink", "TransferResult",
+    "iter_state_dict",
     "plan_state_dict", "receive_state_dict", "send_state_dict", "receive_object",
     "send_object", "FileResult", "receive_file", "send_file", "FileIntegrityError",
-    "FileTransferError", "FileWriteError", "SourceChanged", "TargetExists",
+    "FileTransferError", "FileWriteError", "SourceChanged", "ResumeMismatch", "TargetExists",
     "TransferInterrupted", "TransferRefused", "UnsafeFileName", "CheckpointError",
     "PayloadRefused", "TargetBusy",
     # checkpoint files, read lazily

@@ -1,4 +1,5 @@
-"""Checkpoint files, read lazily: ``.safetensors`` and torch checkpoints.
+"""Checkpoints, read lazily: ``.safetensors``, torch checkpoints, and
+Hugging Face model directories of sharded files with an index.
 
 :func:`open_checkpoint` reads a checkpoint's *layout* (names, dtypes, shapes,
 where each tensor's bytes lie in the file) and nothing else. Its values are
@@ -23,10 +24,18 @@ Torch checkpoints (``torch.save``'s zip format) are read with
 ``torch.load(map_location="meta", weights_only=True)``, which gives every
 storage's offset in the file without reading its data. Legacy (non-zip)
 checkpoints cannot be read lazily and are loaded into memory.
+
+A directory (or its ``*.index.json``) is a sharded checkpoint
+(:mod:`llmwire.sharding`): every shard is opened as above, its tensors must be
+exactly those the index maps to it, and the tensors come shard by shard in
+the shards' order (each file read front to back), under the names of the
+index. Nothing is mapped, so memory stays at a few slices whatever the
+checkpoint's size, also on tmpfs, where mapped pages would all be resident.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -59,12 +68,16 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 
 def checkpoint_kind(path: str | os.PathLike[str]) -> str | None:
-    """``"safetensors"``, ``"torch"`` or None (not a checkpoint by its name and magic).
+    """``"safetensors"``, ``"torch"``, ``"sharded"`` or None (not a checkpoint
+    by its name and magic).
 
     ``.safetensors`` by name; ``.pt``/``.pth`` by name; ``.bin`` only when it
-    starts like a torch checkpoint (a zip archive, or a legacy pickle).
+    starts like a torch checkpoint (a zip archive, or a legacy pickle);
+    ``"sharded"`` for a directory or a ``*.index.json`` file.
     """
     lower = os.fspath(path).lower()
+    if lower.endswith(".index.json") or os.path.isdir(path):
+        return "sharded"
     if lower.endswith(".safetensors"):
         return "safetensors"
     if lower.endswith((".pt", ".pth")):
@@ -247,6 +260,8 @@ class Checkpoint(Mapping[str, Any]):
     def __init__(self, path: str, format: str, tensors: dict[str, Any],
                  metadata: dict[str, str], files: list[_File]) -> None:
         self.path, self.format, self.metadata = path, format, metadata
+        #: the files the tensors are read from (one, or a sharded checkpoint's shards)
+        self.shards: tuple[str, ...] = (path,)
         self._tensors = tensors
         self._files = files
 
@@ -270,7 +285,8 @@ class Checkpoint(Mapping[str, Any]):
         seen: dict[Any, Any] = {}
         for name, tensor in self._tensors.items():
             if isinstance(tensor, FileTensor) and tensor.numel:
-                key: tuple[Any, ...] = ("file", tensor.offset, tensor.numel, tensor.dtype)
+                key: tuple[Any, ...] = ("file", id(tensor.file), tensor.offset, tensor.numel,
+                                        tensor.dtype)
             elif not isinstance(tensor, FileTensor) and tensor.numel():
                 key = ("memory", tensor.untyped_storage().data_ptr(),
                        tensor.storage_offset(), tensor.numel(), tensor.dtype)
@@ -286,7 +302,7 @@ class Checkpoint(Mapping[str, Any]):
         torch = torch_module()
         if torch is None:
             raise CheckpointError(self.path, "torch is not installed")
-        storages: dict[tuple[int, int], Any] = {}
+        storages: dict[tuple[int, int, int], Any] = {}  # (file, offset, bytes): a shard's
         out = {}
         for name, tensor in self._tensors.items():
             if not isinstance(tensor, FileTensor):
@@ -295,12 +311,13 @@ class Checkpoint(Mapping[str, Any]):
             if not tensor.numel:
                 out[name] = tensor.load()
                 continue
-            storage = storages.get(tensor.storage)
+            key = (id(tensor.file), *tensor.storage)
+            storage = storages.get(key)
             if storage is None:
                 start, nbytes = tensor.storage
                 data = np.empty(nbytes, np.uint8)
                 tensor.file.read(data, start)
-                storage = storages[tensor.storage] = torch.from_numpy(data).untyped_storage()
+                storage = storages[key] = torch.from_numpy(data).untyped_storage()
             itemsize = DTYPES[tensor.dtype].itemsize
             strides = tensor.strides
             if strides is None:
@@ -310,6 +327,15 @@ class Checkpoint(Mapping[str, Any]):
                 storage, (tensor.offset - tensor.storage[0]) // itemsize, tensor.shape, strides)
         self.check_unchanged()  # what was read is one version of the file, not a torn mix
         return out
+
+    def fingerprint(self) -> str:
+        """The identity of the files as opened (device, inode, size, mtime,
+        ctime of each): a resumed send compares it with the interrupted one's."""
+        import xxhash
+
+        ids = [[f.path.rsplit(os.sep, 1)[-1], *dataclasses.astuple(f.identity)]
+               for f in self._files]
+        return xxhash.xxh3_128_hexdigest(json.dumps(ids).encode())
 
     def check_unchanged(self) -> None:
         """Raise :class:`~llmwire.SourceChanged` if a file changed since it was opened."""
@@ -341,10 +367,13 @@ def _numel_of(value: Any) -> int:
 
 
 def open_checkpoint(path: str | os.PathLike[str], format: str | None = None) -> Checkpoint:
-    """Open a ``.safetensors`` file or a torch checkpoint without reading its data.
+    """Open a ``.safetensors`` file, a torch checkpoint, or a model directory
+    (sharded with an index, or one weights file) without reading its data.
 
-    ``format`` (``"safetensors"`` or ``"torch"``) defaults to what
-    :func:`checkpoint_kind` says of the path. A torch checkpoint holding
+    ``format`` (``"safetensors"``, ``"torch"`` or ``"sharded"``) defaults to
+    what :func:`checkpoint_kind` says of the path. A sharded checkpoint's
+    ``format`` is that of its shards and its ``shards`` the shard paths. A
+    torch checkpoint holding
     ``{"state_dict": {...}}`` or ``{"model": {...}}`` gives the inner dict.
     Raises :class:`~llmwire.CheckpointError` for a malformed file or one that
     holds no state dict, ``OSError`` for one that cannot be read.
@@ -355,7 +384,54 @@ def open_checkpoint(path: str | os.PathLike[str], format: str | None = None) -> 
         return _open_safetensors(fspath)
     if kind == "torch":
         return _open_torch(fspath)
-    raise CheckpointError(fspath, "not a checkpoint (.safetensors, or a torch .pt/.pth/.bin)")
+    if kind == "sharded":
+        return _open_sharded(fspath)
+    raise CheckpointError(fspath, "not a checkpoint (.safetensors, a torch .pt/.pth/.bin, or "
+                                  "a model directory)")
+
+
+# ---------------------------------------------------------------- sharded
+
+
+def _open_sharded(path: str) -> Checkpoint:
+    from .sharding import read_index, weights_of
+
+    if os.path.isdir(path):
+        weights = weights_of(path)
+        if weights.index is None:  # one weights file in a model directory
+            single = open_checkpoint(weights.files[0], weights.format)
+            single.shards = weights.files
+            return single
+        index, fmt = weights.index, weights.format
+    else:
+        index, fmt = path, "torch" if path.lower().endswith(".bin.index.json") else "safetensors"
+    weight_map, shards = read_index(index)
+    directory = os.path.dirname(index)
+    opened: list[Checkpoint] = []
+    tensors: dict[str, Any] = {}
+    try:
+        for shard in shards:
+            part = open_checkpoint(os.path.join(directory, shard), fmt)
+            opened.append(part)
+            mapped = {name for name, file in weight_map.items() if file == shard}
+            extra = [name for name in part if name not in mapped]
+            if extra:
+                raise CheckpointError(part.path, f"holds {len(extra)} tensor(s) the index does "
+                                                 f"not map to it", extra[0])
+            missing = sorted(mapped.difference(part))
+            if missing:
+                raise CheckpointError(part.path, f"lacks {len(missing)} tensor(s) the index "
+                                                 f"maps to it", missing[0])
+            tensors.update(part._tensors)
+    except BaseException:
+        for part in opened:
+            part.close()
+        raise
+    metadata = opened[0].metadata if opened else {}
+    files = [f for part in opened for f in part._files]
+    checkpoint = Checkpoint(index, fmt, tensors, metadata, files)
+    checkpoint.shards = tuple(part.path for part in opened)
+    return checkpoint
 
 
 # ---------------------------------------------------------------- safetensors

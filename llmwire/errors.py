@@ -54,6 +54,8 @@ Where callers would reasonably catch a builtin, the error mixes it in.
             │                                .part kept for resume (.offset)
             ├── FileWriteError (OSError)     receiver's disk write failed (ENOSPC)
             ├── SourceChanged                the sent file changed under the sender
+            │   └── ResumeMismatch           a resumed state dict's source is not the
+            │                                interrupted transfer's (receiver keeps its part)
             └── FileIntegrityError **
 
     * listed twice: both a remote violation and a stream-scoped failure.
@@ -84,7 +86,8 @@ __all__ = [
     "PeerTimeout", "ConnectionLost", "PayloadError", "ManifestError", "TargetMismatch",
     "CheckpointError", "PayloadRefused", "TargetBusy",
     "FileTransferError", "TransferRefused", "UnsafeFileName", "TargetExists",
-    "TransferInterrupted", "FileWriteError", "SourceChanged", "FileIntegrityError",
+    "TransferInterrupted", "FileWriteError", "SourceChanged", "ResumeMismatch",
+    "FileIntegrityError",
 ]
 
 
@@ -389,6 +392,20 @@ class SourceChanged(FileTransferError):
     def __init__(self, name: str | None, reason: str) -> None:
         self.name = name
         super().__init__(f"file {name!r} changed while being sent: {reason}")
+
+
+class ResumeMismatch(SourceChanged):
+    """A resumable state-dict send found, at the receiver, the landed part of
+    an interrupted transfer of the same manifest whose source was another
+    version: the fingerprint (a checkpoint's files' identity) differs, or the
+    slices before the boundary encode to other bytes than those landed. The
+    stream was cancelled before any new byte was sent; the receiver keeps
+    what it holds for the original source. Send with ``restart=True``
+    (``llmwire send --restart``) to discard it and start over."""
+
+    def __init__(self, name: str | None, reason: str) -> None:
+        self.name = name
+        FileTransferError.__init__(self, f"{name or 'the state dict'}: cannot resume: {reason}")
 
 
 class FileIntegrityError(IntegrityError, FileTransferError):

@@ -469,7 +469,9 @@ def test_a_fifo_sidecar_does_not_hang_the_receiver(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_to_recv_during_a_state_dict_leaves_nothing(tmp_path: Path, sig: int) -> None:
+def test_a_signal_to_recv_during_a_state_dict_keeps_it_for_resume(tmp_path: Path,
+                                                                  sig: int) -> None:
+    """Nothing final, and what landed kept (as files are) for the next send."""
     r = Receiver(tmp_path / "out")
     src = tmp_path / "big.safetensors"
     safetensors_torch.save_file({f"w{i}": torch.randn(1024, 1024) for i in range(8)}, str(src))
@@ -482,7 +484,15 @@ def test_a_signal_to_recv_during_a_state_dict_leaves_nothing(tmp_path: Path, sig
     finally:
         finish(slow)
         r.kill()
-    assert list(r.out.iterdir()) == []
+    assert sorted(p.name for p in r.out.iterdir()) == [
+        "big.safetensors.part", "big.safetensors.part.json", "big.safetensors.part.ledger"]
+    again = Receiver(tmp_path / "out")
+    try:
+        proc = cli("send", str(src), "--to", again.address, "--json")
+        assert proc.returncode == 0, proc.stderr
+    finally:
+        again.stop()
+    assert sorted(p.name for p in r.out.iterdir()) == ["big.safetensors"]
 
 
 def test_checkpoints_the_receiver_could_not_take_are_refused_before_connecting(

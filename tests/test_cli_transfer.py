@@ -251,24 +251,51 @@ def test_help_shows_examples() -> None:
         assert "examples:" in proc.stdout, args
 
 
-def test_killed_state_dict_sender_leaves_nothing(tmp_path: Path, receiver: Receiver) -> None:
+def test_killed_state_dict_sender_resumes(tmp_path: Path, receiver: Receiver) -> None:
+    """kill -9 of a state dict's sender: the receiver keeps the verified part
+    as .part (nothing at the final name), and the same send again continues
+    from there, ending byte-identical to an uninterrupted transfer."""
     src = tmp_path / "w.safetensors"
     state = {"w": torch.randn(4 << 20)}  # 16 MiB
     safetensors_torch.save_file(state, str(src))
-    sender = subprocess.Popen([sys.executable, "-m", "llmwire", "send", str(src), "--to",
-                               receiver.address, "--limit-rate", "8M"], cwd=ROOT, env=_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    part = receiver.out / "w.safetensors.part"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and not part.exists():
-        time.sleep(0.05)
-    time.sleep(0.3)
-    sender.kill()
-    sender.communicate(timeout=TIMEOUT)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and part.exists():
-        time.sleep(0.05)
-    assert not part.exists() and not (receiver.out / "w.safetensors").exists()
-    proc = cli("send", str(src), "--to", receiver.address, "--json")  # still serving
-    assert proc.returncode == 0, proc.stderr
-    _check_tensors(json.loads(proc.stdout)["remote_path"], state, "fp32")
+    for fmt, rate in (("fp32", "8M"), ("nf4", "1M")):  # about 2 s each
+        sender = subprocess.Popen([sys.executable, "-m", "llmwire", "send", str(src), "--to",
+                                   receiver.address, "--limit-rate", rate, "--quantize", fmt],
+                                  cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE)
+        part = receiver.out / "w.safetensors.part"
+        sidecar = receiver.out / "w.safetensors.part.json"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not sidecar.exists():
+            time.sleep(0.05)
+        time.sleep(1.0)
+        sender.kill()
+        sender.communicate(timeout=TIMEOUT)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and json.loads(sidecar.read_text())["slices"] == 0:
+            time.sleep(0.05)
+        assert part.exists() and not (receiver.out / "w.safetensors").exists()
+        proc = cli("send", str(src), "--to", receiver.address, "--json", "--quantize", fmt)
+        assert proc.returncode == 0, proc.stderr
+        row = json.loads(proc.stdout)
+        assert row["resumed_from"] > 0
+        landed = Path(row["remote_path"])
+        assert row["wire_bytes"] < (16 << 20 if fmt == "fp32" else 2 << 20) + 4096
+        _check_tensors(str(landed), state, fmt)
+        reference = _uninterrupted(tmp_path, src, fmt)
+        assert _digest(landed) == _digest(reference)
+        landed.unlink()
+        assert not part.exists() and not sidecar.exists()
+
+
+def _uninterrupted(tmp_path: Path, src: Path, fmt: str) -> Path:
+    """``src`` sent once, whole, to a receiver of its own."""
+    out = tmp_path / f"reference-{fmt}"
+    other = Receiver(out)
+    try:
+        proc = cli("send", str(src), "--to", other.address, "--json", "--quantize", fmt)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["resumed_from"] == 0
+    finally:
+        other.stop()
+    return out / "w.safetensors"

@@ -29,13 +29,16 @@ from .common import (
 __all__ = ["main", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_CONNECTION", "EXIT_AUTH",
            "EXIT_REFUSED", "EXIT_INTEGRITY", "EXIT_INTERRUPTED", "EXIT_TERMINATED"]
 
-_BENCHES = ("quant", "wire", "stream", "file", "round", "learn", "flower", "nvflare")
+_BENCHES = ("quant", "wire", "stream", "file", "round", "learn", "flower", "nvflare",
+            "scale")
 
 _EPILOG = """\
 examples:
   export LLMWIRE_SECRET=...             the shared secret (or --secret-file F)
   llmwire recv --listen 0.0.0.0:7070 --out incoming/
   llmwire send model.safetensors --to HOST:7070 --quantize nf4
+  llmwire send MODEL_DIR/ --to HOST:7070 --quantize nf4
+                                        a Hugging Face model directory, landed whole
   llmwire send data.tar --to HOST:7070  run it again after a failure: it resumes
   llmwire demo                          send a built-in 25M-parameter model in every format
   llmwire demo --params 100M --formats nf4,fp16
@@ -122,7 +125,7 @@ def _build_parser() -> argparse.ArgumentParser:
     profile.add_arguments(profile_parser)
 
     bench = commands.add_parser("bench", help="benchmarks (quant, wire, stream, file, round, "
-                                              "learn, flower, nvflare)",
+                                              "learn, flower, nvflare, scale)",
                                 description="Benchmarks; each prints medians of repeated runs "
                                             "and ratios against a baseline measured in the "
                                             "same run (learn: held-out loss against fp32's).")

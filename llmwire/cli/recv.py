@@ -1,5 +1,6 @@
 """``llmwire recv``: accept authenticated senders and land what they send in
-a directory (files under their names, state dicts as ``.safetensors``)."""
+a directory (files under their names, state dicts as ``.safetensors``, model
+directories as directories with sharded weights and an index)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ import sys
 import time
 from typing import Any
 
+from ..sharding import DEFAULT_MAX_SHARD_SIZE, parse_size
 from ..errors import (
-    ConnectionClosed, FileTransferError, LlmwireError, PayloadRefused, TransferInterrupted,
+    ConnectionClosed, FileTransferError, LlmwireError, PayloadRefused, StreamCancelled,
+    TransferInterrupted,
 )
 from .common import (
     EXIT_CONNECTION, EXIT_ERROR, SECRET_ENV, CliError, Progress, add_common_arguments,
@@ -32,8 +35,12 @@ examples:
 
 Files land in --out under their sent names (relative names only; "..",
 absolute paths and names leaving --out are refused). State dicts land as
-<name>.safetensors. Interrupted files keep <name>.part and resume when sent
-again. Ctrl-C stops the receiver (exit status 130), SIGTERM too (143).
+<name>.safetensors. A model directory lands as <name>/ (weights as shards of at
+most --max-shard-size with model.safetensors.index.json, or one
+model.safetensors, loadable by transformers' from_pretrained), staged as
+<name>.part/ until every part of it landed. Interrupted files and state dicts
+keep their .part (and .part.json) and resume when sent again. Ctrl-C stops the
+receiver (exit status 130), SIGTERM too (143).
 """
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +52,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="exit after the first connection that landed a transfer")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace existing files (default: refuse them)")
+    parser.add_argument("--max-shard-size", type=_shard_size, default=DEFAULT_MAX_SHARD_SIZE,
+                        metavar="SIZE",
+                        help="largest weight shard of a received model directory, e.g. 5GB "
+                             "or 500MiB (default: 50GB, as transformers' save_pretrained)")
     add_common_arguments(parser)
+
+
+def _shard_size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 def _state_dict_name(header: Any) -> str:
     """Where a state dict lands under --out (a checked relative name)."""
@@ -83,6 +101,7 @@ class _Receiver:
     async def handle(self, transport: Any) -> None:
         peer = str(getattr(transport, "peer_name", "peer"))
         landed_here = 0
+        self._landing: Any = None  # the directory this connection is sending, if any
         try:
             while True:
                 try:
@@ -94,6 +113,8 @@ class _Receiver:
                     ok = await self._state_dict(stream, peer)
                 elif kind == "file-offer":
                     ok = await self._file(transport, stream, peer)
+                elif kind in ("dir-begin", "dir-done"):
+                    ok = await self._directory(transport, stream, peer, kind)
                 elif kind == "file-done":  # leftover of a transfer we aborted
                     await stream.read_all(64 * 1024)
                     continue
@@ -110,8 +131,57 @@ class _Receiver:
             if self.args.once and landed_here:
                 self.finished.set()
 
+    async def _directory(self, transport: Any, stream: Any, peer: str, kind: str) -> int:
+        """``dir-begin`` stages a directory; ``dir-done`` places it."""
+        from ..payloads.directories import DirectoryLanding, refuse_directory
+        from ..payloads.verdict import failure_fields, send_control
+
+        header = stream.header
+        await stream.read_all(64 * 1024)
+        key = header.get("id")
+        if kind == "dir-begin":
+            try:
+                self._landing = DirectoryLanding.open(header, self.root, self.args.overwrite)
+                self._landing.started = time.perf_counter()
+            except (LlmwireError, OSError) as exc:
+                self._landing = None
+                self._warn(peer, f"directory {header.get('name')!r} refused: {exc}")
+                await refuse_directory(transport, key, exc)
+                return 0
+            await send_control(transport, "dir-accept", id=key)
+            return 0
+        landing, self._landing = self._landing, None
+        try:
+            if landing is None or landing.key != key:
+                raise PayloadRefused("a dir-done for no directory this connection sent")
+            landing.finish()
+        except (LlmwireError, OSError) as exc:
+            self._warn(peer, f"directory {header.get('name', getattr(landing, 'name', None))!r} "
+                             f"failed: {exc}")
+            await send_control(transport, "dir-failed", id=key, **failure_fields(exc))
+            return 0
+        await send_control(transport, "dir-ok", id=key, path=landing.path)
+        weights = landing.weights or {}
+        self._report({"kind": "directory", "name": landing.name, "path": landing.path,
+                      "bytes": weights.get("bytes", 0), "digest": weights.get("digest"),
+                      "files": len(landing.files), "shards": len(weights.get("files", ())),
+                      "seconds": round(time.perf_counter() - landing.started, 6)})
+        return 1
+
+    def _sink_for(self, header: dict[Any, Any], name: str) -> Any:
+        """Where a state dict lands: a staged directory's shards, or a file."""
+        from ..payloads.filesinks import SafetensorsSink, ShardedSink
+
+        if "dir" not in header:
+            return SafetensorsSink(os.path.join(self.root, *name.split("/")),
+                                   overwrite=self.args.overwrite, root=self.root)
+        landing = self._landing
+        if landing is None or header["dir"] != landing.key:
+            raise PayloadRefused("the weights of a directory this connection did not announce")
+        return ShardedSink(landing.staged, self.args.max_shard_size, overwrite=True,
+                           root=self.root, stage=False)
+
     async def _state_dict(self, stream: Any, peer: str) -> int | None:
-        from ..payloads.sinks import SafetensorsSink
         from ..payloads.statedict import receive_state_dict, refuse_state_dict
 
         started = time.perf_counter()
@@ -120,20 +190,25 @@ class _Receiver:
         try:
             try:
                 name = _state_dict_name(stream.header)
+                sink = self._sink_for(stream.header, name)
             except LlmwireError as exc:
                 await refuse_state_dict(stream, exc)
                 raise
-            sink = SafetensorsSink(os.path.join(self.root, *name.split("/")),
-                                   overwrite=self.args.overwrite, root=self.root)
             await receive_state_dict(stream, sink, progress=progress)
         except (LlmwireError, OSError) as exc:
-            self._warn(peer, f"state dict {name!r} failed: {exc}")
+            kept = " (what landed is kept as .part: send it again to resume)" if isinstance(
+                exc, (ConnectionClosed, TransferInterrupted, StreamCancelled)) \
+                and "resume" in stream.header else ""
+            self._warn(peer, f"state dict {name!r} failed: {exc}{kept}")
             if isinstance(exc, (ConnectionClosed, TransferInterrupted)):
                 return None
             return 0
         finally:
             progress.close()
         receipt = sink.receipt()
+        if self._landing is not None and "dir" in stream.header:
+            self._landing.weights = receipt
+            return 0
         self._report({"kind": "state_dict", "name": name, "path": receipt["path"],
                       "bytes": receipt["bytes"], "digest": receipt["digest"],
                       "seconds": round(time.perf_counter() - started, 6)})
@@ -144,8 +219,11 @@ class _Receiver:
 
         name = stream.header.get("name")
         progress = Progress(str(name), bars_enabled(self.args))
+        landing = self._landing
         try:
-            result = await receive_file(transport, self.root, overwrite=self.args.overwrite,
+            # a staged directory's files: nothing there is final, an earlier attempt's go
+            result = await receive_file(transport, landing.staged if landing else self.root,
+                                        overwrite=self.args.overwrite or landing is not None,
                                         stream=stream, progress=progress)
         except TransferInterrupted as exc:
             self._warn(peer, f"file {name!r} interrupted at byte {exc.offset}; "
@@ -159,6 +237,9 @@ class _Receiver:
             return None
         finally:
             progress.close()
+        if landing is not None:
+            landing.file_landed(result.name)
+            return 0
         self._report({"kind": "file", "name": result.name, "path": result.path,
                       "bytes": result.size, "digest": result.digest,
                       "resumed_from": result.resumed_from,

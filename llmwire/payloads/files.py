@@ -49,6 +49,7 @@ from ..errors import (
 from ..transport.base import RecvStream, SendStream, Transport
 from .landing import (
     PART_SUFFIX, PartFile, TargetDir, check_free_space, digest_on_disk, hash_file, pwrite_all,
+    replace_file,
 )
 from .source import FileIdentity, check_unchanged, pread_exact
 from .verdict import (
@@ -433,18 +434,7 @@ class _Part:
             self.file.sync()
         record = {"version": _SIDECAR_VERSION, "offset": offset, **{
             k: self.offer[k] for k in ("id", "name", "size", "mtime_ns")}}
-        self.dir.unlink_quiet(self.tmp)
-        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                     | os.O_CLOEXEC, 0o644, dir_fd=self.dir.fd)
-        try:
-            pwrite_all(fd, json.dumps(record).encode(), 0)
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(self.tmp, self.sidecar, src_dir_fd=self.dir.fd, dst_dir_fd=self.dir.fd)
-        if durable:
-            self.dir.fsync()
+        replace_file(self.dir, self.sidecar, json.dumps(record).encode(), durable)
         self.checkpointed = offset
 
     def _remove_sidecar(self) -> None:

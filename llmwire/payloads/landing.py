@@ -33,7 +33,7 @@ import xxhash
 
 from ..errors import FileWriteError, TargetBusy, TargetExists, UnsafeFileName
 
-__all__ = ["TargetDir", "PartFile", "digest_on_disk", "hash_file", "pwrite_all", "free_bytes",
+__all__ = ["TargetDir", "PartFile", "replace_file", "digest_on_disk", "hash_file", "pwrite_all", "free_bytes",
            "check_free_space", "PART_SUFFIX", "READ_BLOCK"]
 
 PART_SUFFIX = ".part"
@@ -92,6 +92,25 @@ def digest_on_disk(fd: int, length: int) -> str:
     if got < length:
         raise OSError(errno.EIO, f"the file ends at byte {got}, before {length}")
     return hasher.hexdigest()
+
+
+def replace_file(directory: "TargetDir", name: str, data: bytes, durable: bool) -> None:
+    """``name`` in ``directory`` holds ``data`` (written to ``<name>.tmp``,
+    then renamed over it: a reader sees the old record or the new one, never
+    a torn one). Durable: fsynced, and the directory after the rename."""
+    tmp = name + ".tmp"
+    directory.unlink_quiet(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o644, dir_fd=directory.fd)
+    try:
+        pwrite_all(fd, data, 0)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, name, src_dir_fd=directory.fd, dst_dir_fd=directory.fd)
+    if durable:
+        directory.fsync()
 
 
 class TargetDir:
@@ -154,6 +173,46 @@ class TargetDir:
                                        "(links below the target directory are not followed)"
                                  ) from None
         raise exc
+
+    def child(self, part: str, name: str | None = None) -> "TargetDir":
+        """The directory ``part`` in this one (made if missing, never a link);
+        this one stays open."""
+        fd = os.dup(self.fd)
+        return TargetDir(fd, self.path)._child(part, True, name)
+
+    def replace_directory(self, source: str, final: str, overwrite: bool,
+                          name: str | None = None) -> None:
+        """Rename the directory ``source`` to ``final`` (both in this one).
+        An existing ``final`` is refused (:class:`~llmwire.TargetExists`)
+        unless ``overwrite``; then it is moved aside, the new one renamed in,
+        and the old one removed."""
+        import shutil
+
+        existing = self.lstat(final)
+        if existing is not None:
+            if not overwrite:
+                raise TargetExists(name or final, "the directory exists and overwrite is off")
+            if not stat.S_ISDIR(existing.st_mode):
+                raise TargetExists(name or final, "a file is there, not a directory")
+            aside = f"{final}.replaced{PART_SUFFIX}"
+            if self.lstat(aside) is not None:
+                shutil.rmtree(os.path.join(self.path, aside))
+            os.rename(final, aside, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+            os.rename(source, final, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+            self.fsync()
+            shutil.rmtree(os.path.join(self.path, aside), ignore_errors=True)
+        else:
+            # rename(2) replaces an empty directory: the check above refuses one
+            # that exists; one made in the instant between is replaced (empty)
+            os.rename(source, final, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        self.fsync()
+
+    def rmdir_quiet(self, name: str) -> None:
+        """Remove the directory ``name`` if it is empty."""
+        try:
+            os.rmdir(name, dir_fd=self.fd)
+        except OSError:
+            pass
 
     def lstat(self, name: str) -> os.stat_result | None:
         """``lstat`` of ``name`` in this directory, or None if it does not exist."""

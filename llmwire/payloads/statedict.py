@@ -11,6 +11,11 @@ The receiver reads the manifest, lets the sink validate it, then reads each
 slice into a reused staging buffer and restores it on the thread pool (into
 the sink's target tensor, or through ``sink.write``) while it reads the
 next. Raw slices go straight into the target tensor.
+
+A resumable stream (``resumable=True``) waits after the manifest for the
+receiver's resume point, skips the slices it already holds (encoding them
+only into the body digest's chain, :mod:`llmwire.payloads.resume`) and ends
+with the chain over the whole body.
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ from typing import Any, AsyncIterator, Callable, Mapping
 import numpy as np
 
 from ..errors import (
-    ConnectionClosed, FileWriteError, LlmwireError, LocalProtocolError, ManifestError,
-    PayloadError, PayloadRefused, QuantizationError, StreamCancelled,
+    ConnectionClosed, FileWriteError, IntegrityError, LlmwireError, LocalProtocolError,
+    ManifestError, PayloadError, PayloadRefused, QuantizationError, ResumeMismatch,
+    SourceChanged, StreamCancelled, StreamError, TransferInterrupted,
 )
+from ..frames import ErrorCode
 from ..quant import codec
 from ..quant.codec import FLOAT_DTYPES, MIN_ELEMENTS, TensorSpec, make_spec
 from ..quant.formats import get_format
@@ -40,11 +47,17 @@ from .manifest import (
     LENGTH_PREFIX, MAX_MANIFEST_BYTES, MAX_NAME_LENGTH, MAX_SLICE_ELEMENTS, Entry, Manifest,
 )
 from .reader import ChunkReader
-from .sinks import InPlaceSink, MemorySink, SafetensorsSink, StateDictSink
-from .slices import PIPELINE_DEPTH, BufferPool, SliceEncoder, carve, largest_slice
+from .resume import (
+    CHECKPOINT_BYTES, CHECKPOINT_SECONDS, RESUME_REPLY, TRAILER_BYTES, Chain, ResumePoint,
+)
+from .filesinks import SafetensorsSink
+from .sinks import InPlaceSink, MemorySink, StateDictSink
+from .slices import (
+    PIPELINE_DEPTH, BufferPool, SliceEncoder, carve, largest_slice, slice_wire_bytes,
+)
 from .verdict import (
     FAILED_REPLY, QUEUED_REPLY_WAIT, failure_fields, raise_failure, receive_control,
-    refuse_stream, reply_quietly,
+    refuse_stream, reply_quietly, send_control,
 )
 
 __all__ = ["send_state_dict", "receive_state_dict", "iter_state_dict", "refuse_state_dict",
@@ -73,6 +86,8 @@ class TransferResult:
     kept_raw: tuple[str, ...] = ()
     #: the receiver's receipt once it committed (a file sink: its path, bytes, digest)
     receipt: dict[str, Any] = field(default_factory=dict)
+    #: body bytes a resumed transfer did not send again (0: sent from the start)
+    resumed_from: int = 0
 
 
 def _format_for(name: str, numel: int, fmt: str, overrides: Mapping[str, str],
@@ -166,7 +181,9 @@ async def send_state_dict(transport: Transport, state_dict: Mapping[str, Any],
                           metadata: Mapping[str, Any] | None = None,
                           slice_bytes: int = DEFAULT_SLICE_BYTES,
                           header: Mapping[str, Any] | None = None,
-                          progress: Progress | None = None) -> TransferResult:
+                          progress: Progress | None = None, resumable: bool = False,
+                          source: str | None = None, restart: bool = False
+                          ) -> TransferResult:
     """Stream ``state_dict`` (torch tensors, NumPy arrays, or the lazily read
     tensors of :func:`~llmwire.open_checkpoint`) over one stream, and wait for
     the receiver's verdict.
@@ -189,6 +206,19 @@ async def send_state_dict(transport: Transport, state_dict: Mapping[str, Any],
     ``StreamCancelled`` (it stopped reading), ``PayloadError``; a source
     checkpoint that changed while it was read raises ``SourceChanged`` and the
     receiver keeps nothing.
+
+    ``resumable``: if the receiver holds the landed part of an interrupted
+    transfer of the same manifest (a resumable sink: a ``.safetensors`` file or
+    sharded directory as ``.part``, or the same :class:`InPlaceSink`), continue
+    from its last verified slice instead of from zero; ``resumed_from`` in the
+    result says where. The slices skipped are encoded again but not sent, and
+    the body digest over all of them is checked at the boundary and at the
+    end (docs/streaming.md, "Resume"). ``source`` fingerprints the source (an
+    opened checkpoint's own :meth:`~llmwire.Checkpoint.fingerprint` by
+    default); a source that differs from the interrupted transfer's, or
+    whose skipped slices encode differently, raises
+    :class:`~llmwire.ResumeMismatch` (a ``SourceChanged``) and the
+    receiver keeps what it holds; ``restart`` discards that and starts over.
     """
     if nonfinite not in codec.NONFINITE_POLICIES:
         raise PayloadError(f"nonfinite must be one of {codec.NONFINITE_POLICIES}")
@@ -197,33 +227,59 @@ async def send_state_dict(transport: Transport, state_dict: Mapping[str, Any],
                                       nested=nested, slice_bytes=slice_bytes,
                                       metadata=metadata)
     started = time.perf_counter()
+    if resumable and source is None:
+        fingerprint = getattr(state_dict, "fingerprint", None)
+        source = fingerprint() if callable(fingerprint) else None
+    resume = {"source": source, "restart": bool(restart)} if resumable else None
     wire_bytes, found, receipt = await send_planned(transport, manifest, views, nonfinite,
-                                                    header=header, progress=progress)
+                                                    header=header, progress=progress,
+                                                    resume=resume)
     formats = collections.Counter(e.spec.format for e in manifest.entries if e.spec)
     kept_raw = _kept_raw(manifest, fmt, overrides or {}, min_elements)
     return TransferResult(
         entries=len(manifest.entries),
         tensor_bytes=sum(v.numel * DTYPES[v.dtype].itemsize for v in views.values()),
         wire_bytes=wire_bytes, seconds=time.perf_counter() - started, formats=dict(formats),
-        nonfinite=found, kept_raw=kept_raw, receipt=receipt)
+        nonfinite=found, kept_raw=kept_raw, receipt=receipt,
+        resumed_from=receipt.pop("_resumed_from", 0))
 
 
 async def send_planned(transport: Transport, manifest: Manifest, views: Mapping[str, Any],
                        nonfinite: str = "saturate", *, header: Mapping[str, Any] | None = None,
-                       progress: Progress | None = None) -> tuple[int, int, dict[str, Any]]:
+                       progress: Progress | None = None,
+                       resume: Mapping[str, Any] | None = None
+                       ) -> tuple[int, int, dict[str, Any]]:
     """Send a planned state dict (``manifest`` and the views its slices are
     encoded from: :func:`plan_state_dict`, or an update's plan) on one stream
     and wait for the receiver's verdict, as :func:`send_state_dict` does.
-    Returns ``(wire bytes, non-finite values mapped, the receiver's receipt)``."""
+    ``resume`` (``{"source", "restart"}``) makes the stream resumable.
+    Returns ``(wire bytes, non-finite values mapped, the receiver's receipt)``;
+    a resumed transfer's receipt holds ``_resumed_from``."""
     key = uuid.uuid4().hex
     name = header.get("name") if header else None
-    stream = await transport.open_stream({**(header or {}), "kind": STREAM_KIND, "id": key})
+    extra = {"resume": dict(resume)} if resume is not None else {}
+    stream = await transport.open_stream({**(header or {}), **extra, "kind": STREAM_KIND,
+                                          "id": key})
     found = 0
+    point = ResumePoint()
     try:
         prefix = manifest.to_bytes()
         await stream.send(prefix)
-        found = await _send_body(stream, manifest, views, nonfinite, progress)
+        chain = None
+        if resume is not None:
+            chain = Chain.start(prefix)
+            point = await _resume_point(transport, key, manifest, name, stream.stream_id)
+            if point.slices and resume.get("source") is not None \
+                    and point.source != resume.get("source"):
+                raise ResumeMismatch(name, "the source is not the version the interrupted "
+                                           f"transfer sent ({point.offset} bytes of that "
+                                           "landed); send with restart (--restart) to start "
+                                           "over")
+        found = await _send_body(stream, manifest, views, nonfinite, progress, point, chain,
+                                 name)
         _check_sources(views)  # before the end makes the stream complete
+        if chain is not None:
+            await stream.send(chain.value)
         await stream.end()
     except StreamCancelled as exc:
         if not exc.remote:
@@ -243,7 +299,40 @@ async def send_planned(transport: Transport, manifest: Manifest, views: Mapping[
     if verdict["kind"] != VERDICT_OK:
         _raise_verdict(verdict, name, stream.stream_id, None)
     receipt = verdict.get("receipt")
-    return len(prefix) + manifest.body_nbytes, found, receipt if isinstance(receipt, dict) else {}
+    receipt = dict(receipt) if isinstance(receipt, dict) else {}
+    if point.offset:
+        receipt["_resumed_from"] = point.offset
+    wire = len(prefix) + manifest.body_nbytes - point.offset
+    return wire + (TRAILER_BYTES if resume is not None else 0), found, receipt
+
+
+async def _resume_point(transport: Transport, key: str, manifest: Manifest, name: Any,
+                        stream_id: int) -> ResumePoint:
+    """The receiver's answer to a resumable stream: where to continue."""
+    reply = await receive_control(transport, (RESUME_REPLY, VERDICT_FAILED), key,
+                                  what="state dict", error=PayloadError)
+    if reply["kind"] == VERDICT_FAILED:
+        _raise_verdict(reply, name, stream_id, None)
+    point = ResumePoint.from_wire(reply)
+    if point is None or point.offset != _body_offset(manifest, point.slices):
+        raise PayloadError(f"the receiver asked to resume at {reply.get('slices')!r} slices, "
+                           f"{reply.get('offset')!r} bytes, which is no slice boundary of "
+                           "this state dict")
+    return point
+
+
+def _body_offset(manifest: Manifest, slices: int) -> int | None:
+    """Body bytes before slice number ``slices`` (None: there are fewer)."""
+    offset = count = 0
+    for entry in manifest.entries:
+        if entry.spec is None or entry.mode == "zero":
+            continue
+        for start, stop in entry.slices(manifest.slice_elements):
+            if count == slices:
+                return offset
+            offset += slice_wire_bytes(entry.spec, stop - start)
+            count += 1
+    return offset if count == slices else None
 
 
 def _kept_raw(manifest: Manifest, fmt: str, overrides: Mapping[str, str],
@@ -280,24 +369,59 @@ def _raise_verdict(verdict: dict[Any, Any], name: Any, stream_id: int,
 
 
 async def _cancel_quietly(stream: Any, exc: BaseException) -> None:
+    # Only an interruption (the sender stopped or cancelled, a refused resume)
+    # leaves what landed good for a resumed transfer, and says so with CANCEL.
+    # A source that changed while it was read sent a mix of two versions
+    # (INTEGRITY_ERROR), and a sender that refused its own data (NaN under
+    # --nonfinite raise...) is no interruption (INTERNAL_ERROR): discard both.
+    if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, ConnectionClosed,
+                        ResumeMismatch)):
+        code = ErrorCode.CANCEL
+    elif isinstance(exc, SourceChanged):
+        code = ErrorCode.INTEGRITY_ERROR
+    else:
+        code = ErrorCode.INTERNAL_ERROR
     try:
-        await asyncio.shield(stream.cancel(reason=f"{type(exc).__name__}: {exc}"[:200]))
+        await asyncio.shield(stream.cancel(code, reason=f"{type(exc).__name__}: {exc}"[:200]))
     except (LlmwireError, asyncio.CancelledError):
         pass
 
 
 async def _send_body(stream: Any, manifest: Manifest, views: Mapping[str, TensorView],
-                     nonfinite: str, progress: Progress | None) -> int:
-    """Send the manifest's slices on ``stream``; return the non-finite count."""
+                     nonfinite: str, progress: Progress | None,
+                     point: ResumePoint = ResumePoint(), chain: Chain | None = None,
+                     name: Any = None) -> int:
+    """Send the manifest's slices on ``stream`` from slice ``point.slices``
+    (those before it are encoded into ``chain`` only, which must then equal
+    the receiver's); return the non-finite count."""
     encoder = SliceEncoder(manifest, views, nonfinite)
-    total, sent = manifest.body_nbytes, 0
+    total, sent, index = manifest.body_nbytes, point.offset, 0
+
+    def check_boundary() -> None:
+        assert chain is not None
+        if chain.value.hex() != point.chain:
+            raise ResumeMismatch(name, f"its first {point.offset} bytes as encoded now differ "
+                                       "from those the interrupted transfer landed (the "
+                                       "source changed); send with restart (--restart) to "
+                                       "start over")
+
     async with contextlib.aclosing(encoder.slices()) as slices:
         async for item in slices:
+            if chain is not None:
+                if index == point.slices and index:
+                    check_boundary()
+                chain.add(item.data)
+            index += 1
+            if index <= point.slices:
+                encoder.release(item)
+                continue
             await stream.send(item.data)
             encoder.release(item)
             sent += len(item.data)
             if progress is not None:
                 progress(sent, total)
+    if chain is not None and point.slices and index == point.slices:
+        check_boundary()  # every slice had landed: the boundary is the end
     return encoder.found
 
 
@@ -413,12 +537,17 @@ async def _receive(stream: RecvStream, sink: StateDictSink, max_bytes: int | Non
     reader = ChunkReader(stream)
     finished = False
     key = stream.header.get("id")
+    offer = stream.header.get("resume")
+    offer = offer if isinstance(offer, dict) else None
     pending: collections.deque[tuple[Any, np.ndarray, np.ndarray | None]] = collections.deque()
+    chain: Chain | None = None
+    received = offset = 0  # body slices (bytes) landed, counting those an earlier transfer did
     try:
         (length,) = LENGTH_PREFIX.unpack(await reader.read_exact(LENGTH_PREFIX.size))
         if length > MAX_MANIFEST_BYTES:
             raise ManifestError(f"manifest of {length} bytes exceeds {MAX_MANIFEST_BYTES}")
-        manifest = Manifest.from_bytes(await reader.read_exact(length))
+        raw_manifest = await reader.read_exact(length)
+        manifest = Manifest.from_bytes(raw_manifest)
         restored = sum(e.spec.numel * DTYPES[e.spec.dtype].itemsize
                        for e in manifest.entries if e.spec is not None)
         if max_bytes is not None and restored > max_bytes:
@@ -429,38 +558,75 @@ async def _receive(stream: RecvStream, sink: StateDictSink, max_bytes: int | Non
                                  f"llmwire.rounds) and {type(sink).__name__} takes whole "
                                  "state dicts")
         sink.prepare(manifest)
+        point = sink.start(offer)
+        if offer is not None:
+            chain = (Chain(bytes.fromhex(point.chain)) if point.slices else
+                     Chain.start(LENGTH_PREFIX.pack(length) + bytes(raw_manifest)))
+            if answer is None:
+                raise LocalProtocolError("a resumable state dict needs a transport to answer on")
+            await send_control(answer, RESUME_REPLY, id=key, **point.to_wire())
+        skip, received, offset = point.slices, point.slices, point.offset
+        checkpointed, checkpointed_at = offset, time.monotonic()
         # np.empty costs no memory until a buffer is first written
         wire_size, restored_size = largest_slice(manifest)
         staging = BufferPool(wire_size, PIPELINE_DEPTH)
         outputs = [np.empty(restored_size, np.uint8) for _ in range(PIPELINE_DEPTH)]
-        done, total = 0, manifest.body_nbytes
+        total = manifest.body_nbytes
         entries = {e.name: e for e in manifest.entries}
+        index = 0  # slices of the body before the current one
         for entry in manifest.entries:
-            if entry.spec is None:
-                assert entry.tied_to is not None
-                sink.tie(entry, entries[entry.tied_to])
+            if entry.spec is None or entry.mode == "zero":
+                if index < skip:
+                    continue  # an earlier transfer did it
+                if entry.spec is None:
+                    assert entry.tied_to is not None
+                    sink.tie(entry, entries[entry.tied_to])
+                else:
+                    sink.unchanged(entry)
                 yield entry.name, sink.entry_done(entry)
                 continue
-            if entry.mode == "zero":
-                sink.unchanged(entry)
-                yield entry.name, sink.entry_done(entry)
-                continue
+            slices = list(entry.slices(manifest.slice_elements))
+            if index + len(slices) <= skip and slices:
+                index += len(slices)
+                continue  # landed in an earlier transfer
             target = sink.target(entry)
-            for start, stop in entry.slices(manifest.slice_elements):
-                done += await _receive_slice(reader, entry, start, stop, target, sink,
-                                             staging, outputs, pending)
+            for start, stop in slices:
+                if index < skip:
+                    index += 1
+                    continue
+                if chain is not None and offset > checkpointed and (
+                        offset - checkpointed >= CHECKPOINT_BYTES
+                        or time.monotonic() - checkpointed_at >= CHECKPOINT_SECONDS):
+                    while pending:
+                        await _finish_oldest(pending, staging, outputs)
+                    sink.checkpoint(ResumePoint(received, offset, chain.value.hex()))
+                    checkpointed, checkpointed_at = offset, time.monotonic()
+                offset += await _receive_slice(reader, entry, start, stop, target, sink,
+                                               staging, outputs, pending, chain)
+                received += 1
+                index += 1
                 if progress is not None:
-                    progress(done, total)
+                    progress(offset, total)
             while pending:
                 await _finish_oldest(pending, staging, outputs)
             yield entry.name, sink.entry_done(entry)
+        if chain is not None:
+            trailer = bytes(await reader.read_exact(TRAILER_BYTES))
+            if trailer != chain.value:
+                raise IntegrityError(stream.stream_id, trailer.hex(), chain.value.hex())
         await reader.expect_end()
         finished = True
         result = sink.commit()
     except BaseException as exc:
         cancelled = await _settle([f for f, _, _ in pending])
         if not finished:
-            sink.abort()
+            if offer is not None and chain is not None and _interrupted(exc):
+                intact = all(not f.cancelled() and f.exception() is None
+                             for f, _, _ in pending) if pending else True
+                sink.suspend(ResumePoint(received, offset, chain.value.hex())
+                             if intact else None)
+            else:
+                sink.abort()
         # The verdict goes before the cancel: a sender that sees the cancel
         # finds the reason already queued behind it (QUEUED_REPLY_WAIT).
         if answer is not None and not isinstance(exc, ConnectionClosed):
@@ -477,6 +643,17 @@ async def _receive(stream: RecvStream, sink: StateDictSink, max_bytes: int | Non
     await reply_quietly(answer, VERDICT_OK, id=key, receipt=sink.receipt())
     if outcome is not None:
         outcome["result"] = result
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """A failure that leaves what landed good for a resumed transfer: the
+    connection or the sender went away or was stopped (it cancels with
+    CANCEL), or someone stopped the receiver."""
+    if isinstance(exc, IntegrityError) or isinstance(exc, StreamCancelled) \
+            and exc.remote and exc.code != ErrorCode.CANCEL:
+        return False
+    return isinstance(exc, (ConnectionClosed, StreamError, TransferInterrupted,
+                            asyncio.CancelledError, GeneratorExit, ConnectionError))
 
 
 async def _settle(futures: list[Any]) -> asyncio.CancelledError | None:
@@ -497,12 +674,16 @@ async def _settle(futures: list[Any]) -> asyncio.CancelledError | None:
 
 async def _receive_slice(reader: ChunkReader, entry: Entry, start: int, stop: int,
                          target: np.ndarray | None, sink: StateDictSink, staging: BufferPool,
-                         outputs: list[np.ndarray], pending: collections.deque) -> int:
+                         outputs: list[np.ndarray], pending: collections.deque,
+                         chain: Chain | None = None) -> int:
     spec = entry.spec
     assert spec is not None
     count = stop - start
     if spec.format == "raw" and target is not None:
-        await reader.readinto(target[start:stop].view(np.uint8))
+        into = target[start:stop].view(np.uint8)
+        await reader.readinto(into)
+        if chain is not None:
+            chain.add(into)
         return count * DTYPES[spec.dtype].itemsize
     if not staging.free:
         await _finish_oldest(pending, staging, outputs)
@@ -510,6 +691,8 @@ async def _receive_slice(reader: ChunkReader, entry: Entry, start: int, stop: in
     output = outputs.pop() if target is None else None
     parts, nbytes = carve(buffer, spec, count)
     await reader.readinto(buffer[:nbytes])
+    if chain is not None:
+        chain.add(buffer[:nbytes])
     loop = asyncio.get_running_loop()
     future = loop.run_in_executor(codec._executor(), _restore_job, spec, parts, target,
                                   output, sink, entry, start, stop)
