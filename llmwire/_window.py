@@ -11,14 +11,17 @@ than it only buffers more. The receiver measures both factors itself:
   PING was out, per stream and for the connection.
 
 With ``bdp = consumed × rtt_min / interval``, a window becomes
-``max(window, min(max_window, 2 × bdp))``: while the window limits the
-sender (it consumes more than half the window per round trip) the window
-grows every sample, and it settles near twice the BDP once the link limits
-(twice, because credit goes back in batches). Windows never shrink while a
-connection lives. A consumer slower than the link is what it consumes, so
-its window stays within twice what it takes per round trip. One sample at
-a time, and a new one only after a quarter of the connection window has
-been consumed since the last one ended (on loopback a few hundred pings a
+``max(window, min(max_window, 2 × bdp))``, and twice itself if ``bdp`` is
+at least 5/8 of it (the window, not the link, limited the sender: the
+consumer took most of it every round trip; doubling, as slow start does,
+reaches a 100 ms path's BDP in a few round trips). Once the link limits,
+``bdp`` is the path's BDP and the window settles between 2 and 3.2 × BDP
+(twice at least, because credit goes back in batches). Windows never shrink
+while a connection lives. A consumer slower than the link is what it
+consumes, so its window stays below 3.2 × what it takes per round trip.
+One sample at
+a time: the next starts at once while windows grow, else only after a whole
+connection window has been consumed (on loopback a few hundred pings a
 second at most).
 """
 
@@ -61,19 +64,32 @@ class WindowTuner:
         else:
             self.quiet -= nbytes
 
-    def finish(self, now: float, connection_window: int) -> float | None:
+    def finish(self, now: float) -> float | None:
         """The sample's PING was acknowledged at ``now``: returns the factor
         ``rtt_min / interval`` that turns bytes consumed during the sample
-        into a BDP estimate (None: an interval too short to use)."""
+        into a BDP estimate (None: an interval too short to use). Call
+        :meth:`rest` next."""
         interval = now - self.sent_at
         self.ping = None
-        self.quiet = connection_window // 4
         if interval <= 0:
             return None
         self.rtt_min = interval if self.rtt_min is None else min(self.rtt_min, interval)
         return self.rtt_min / interval
 
+    def rest(self, grew: bool, connection_window: int) -> None:
+        """After a sample: while windows grow, sample again at once (every
+        round trip); once they do not, only after a whole connection window
+        has been consumed (on loopback a few hundred pings a second)."""
+        self.quiet = 0 if grew else connection_window
+
     def grown(self, window: int, consumed: int, factor: float) -> int:
         """The new size of a window of ``window`` bytes whose consumer took
         ``consumed`` bytes during the sample (never smaller than ``window``)."""
-        return max(window, min(self.ceiling, int(2 * consumed * factor)))
+        bdp = consumed * factor
+        want = 2 * bdp
+        if 8 * bdp >= 5 * window:
+            # The consumer took >= 5/8 of the window per round trip: the
+            # window, not the link, limited the sender. Double, as TCP's
+            # slow start does, rather than creep up by what got through.
+            want = max(want, 2 * window)
+        return max(window, min(self.ceiling, int(want)))

@@ -722,13 +722,16 @@ class Connection:
         tuner = self._tuner
         assert tuner is not None
         consumed = tuner.consumed
-        factor = tuner.finish(self._now, self._conn_target)
+        factor = tuner.finish(self._now)
         if factor is None:
+            tuner.rest(False, self._conn_target)
             return
+        grew = False
         for st in self._streams.values():
             if st.side is _R and st.state is StreamState.OPEN:
                 new = tuner.grown(st.target, st.sampled, factor)
                 if new > st.target:
+                    grew = True
                     st.unacked += new - st.target
                     st.target = new
                     self._grant(st)
@@ -738,6 +741,8 @@ class Connection:
             self._conn_target = new
             self._pool_cap = 2 + new // self.settings.max_frame_payload
             self._grant_connection()
+            grew = True
+        tuner.rest(grew, self._conn_target)
 
     @property
     def receive_windows(self) -> dict[int, int]:
