@@ -77,8 +77,10 @@ __all__ = [
 
 Buffer = Union[bytes, bytearray, memoryview]
 
-PROTOCOL_VERSION = 1
-SUPPORTED_VERSIONS = (1, 1)
+# Version 2: a stream's digest is built from its DATA frames' checksums
+# (one hashing pass per byte, not two); version 1 hashed the bytes again.
+PROTOCOL_VERSION = 2
+SUPPORTED_VERSIONS = (2, 2)
 #: Before authentication no frame may be larger than this.
 HANDSHAKE_MAX_PAYLOAD = 4096
 NONCE_SIZE = 32
@@ -498,12 +500,14 @@ class Connection:
         st.credit -= n
         self._conn_credit -= n
         st.length += n
-        st.hasher.update(data)
-        self._out.append(fr.encode_header(FrameType.DATA, 0, stream_id, data))
+        checksum = fr.payload_checksum(data)
+        st.hasher.update(fr.digest_record(n, checksum))
+        self._out.append(fr.encode_header(FrameType.DATA, 0, stream_id, data, checksum))
         self._out.append(data)
 
     def end_stream(self, stream_id: StreamId | int) -> bytes:
-        """Queue END with the stream's length and xxh3-128 digest; return the digest."""
+        """Queue END with the stream's length and digest; return the digest
+        (xxh3-128 over each DATA frame's length and checksum, docs/protocol.md)."""
         self._require_open(closing_ok=True)
         st = self._send_stream(stream_id)
         self._transition(st, StreamEvent.SEND_END)
@@ -917,7 +921,7 @@ class Connection:
             raise ChecksumMismatch(h.stream_id, h.checksum, actual)
         t = h.type
         if t is FrameType.DATA:
-            self._on_data(h.stream_id, payload, posted)
+            self._on_data(h.stream_id, payload, actual, posted)
         elif t is FrameType.CREDIT:
             self._on_credit(h.stream_id, fr.parse_credit(payload))
         elif t is FrameType.OPEN:
@@ -1060,7 +1064,8 @@ class Connection:
             return
         self._events.append(StreamOpened(sid, header, offset))
 
-    def _on_data(self, sid: int, payload: Buffer, posted: _Stream | None = None) -> None:
+    def _on_data(self, sid: int, payload: Buffer, checksum: int,
+                 posted: _Stream | None = None) -> None:
         n = len(payload)
         self._conn_window -= n
         st = self._streams.get(sid)
@@ -1081,7 +1086,7 @@ class Connection:
         st.progress_at = self._now
         if self._tuner is not None and self._tuner.wants_sample():
             self._start_window_sample()
-        st.hasher.update(payload)
+        st.hasher.update(fr.digest_record(n, checksum))
         if posted is not None:
             assert posted is st and st.posted is not None
             rest = st.posted[n:]

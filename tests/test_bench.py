@@ -18,8 +18,10 @@ def test_bench_wire_json_keys(capsys):
                               "--json"])
     assert wire.run(args) == 0
     out = json.loads(capsys.readouterr().out)
-    assert {"raw_gbps", "llmwire_gbps", "ratio"} <= out.keys()
+    assert {"raw_gbps", "llmwire_gbps", "ratio", "raw_sender_cpu_s_per_gib",
+            "llmwire_sender_cpu_s_per_gib", "sender_cpu_s_per_gib_over_raw"} <= out.keys()
     assert out["raw_gbps"] > 0 and out["llmwire_gbps"] > 0
+    assert out["llmwire_sender_cpu_s_per_gib"] >= 0 and out["raw_sender_cpu_s_per_gib"] >= 0
 
 
 def test_bench_file_json_keys(capsys, tmp_path):

@@ -245,8 +245,7 @@ async def _send_range(stream: SendStream, fd: int, name: str, start: int, size: 
             if got < n:
                 raise SourceChanged(name, f"it ends at byte {pos + got}, {size} were announced")
             with memoryview(buffer)[:n] as piece:
-                if hasher is not None:
-                    hasher.update(piece)
+                hasher.update(piece)
                 await stream.send(piece)
             reads.popleft()
             free.append(buffer)
@@ -307,11 +306,11 @@ async def send_file(transport: Transport, path: str | os.PathLike[str], *,
         if type(offset) is not int or not 0 <= offset <= size:
             raise FileTransferError(f"file {name!r}: the receiver asked to resume at "
                                     f"{offset!r}, outside [0, {size}]")
-        # From offset 0 the stream's own xxh3-128 (end() returns it) is the
-        # whole file's digest; a resumed transfer hashes the prefix, then the rest.
-        hasher = None
+        # The whole file's xxh3-128: a resumed transfer hashes the prefix,
+        # then the rest as it goes out. (The stream's own digest is built
+        # from frame checksums, protocol version 2: not a digest of the file.)
+        hasher = xxhash.xxh3_128()
         if offset:
-            hasher = xxhash.xxh3_128()
             await _hash_prefix_in_thread(fd, offset, hasher, name)
         stream = await transport.open_stream({"kind": "file", "id": fid}, offset=offset)
         done = _Progress()
@@ -319,7 +318,7 @@ async def send_file(transport: Transport, path: str | os.PathLike[str], *,
             await _send_range(stream, fd, name, offset, size, depth, chunk, hasher,
                               progress, done)
             check_unchanged(fd, identity, name)  # before the end makes it complete
-            stream_digest = await stream.end()
+            await stream.end()
         except BaseException as exc:
             await stream.cancel(reason=f"sender failed: {_reason(exc)}"[:200])
             at = offset + done.sent
@@ -334,7 +333,7 @@ async def send_file(transport: Transport, path: str | os.PathLike[str], *,
             if isinstance(exc, ConnectionClosed):
                 raise TransferInterrupted(name, at, _reason(exc)) from exc
             raise
-        digest = (hasher.hexdigest() if hasher is not None else stream_digest.hex())
+        digest = hasher.hexdigest()
         await _send_control(transport, "file-done", id=fid, digest=digest)
         try:
             reply = await _receive_control(transport, name, fid,
