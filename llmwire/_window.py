@@ -5,8 +5,10 @@ A window smaller than the path's bandwidth-delay product (BDP) caps a
 stream at window / RTT, whatever the link's rate; a window much larger
 than it only buffers more. The receiver measures both factors itself:
 
-- RTT: a PING it sends (payload ``ff 'bdp' u32 seq``) and the peer's ACK;
-  the smallest seen is kept (later samples include queueing delay).
+- RTT: first the handshake's (our HELLO to the peer's AUTH, sent in reply
+  to it), before any data queues up; then each PING it sends (payload
+  ``ff 'bdp' u32 seq``) to the peer's ACK; the smallest seen is kept (data
+  queued ahead of an ACK inflates the later samples).
 - Delivery: the bytes the *consumer* took (credit returned) while that
   PING was out, per stream and for the connection.
 
@@ -46,6 +48,11 @@ class WindowTuner:
         self.consumed = 0                # connection bytes consumed since the PING
         self.quiet = 0                   # bytes to consume before the next sample
         self._seq = 0
+
+    def seed_rtt(self, rtt: float) -> None:
+        """A round trip measured before any data flowed (the handshake)."""
+        if rtt > 0:
+            self.rtt_min = rtt if self.rtt_min is None else min(self.rtt_min, rtt)
 
     def wants_sample(self) -> bool:
         return self.ping is None and self.quiet <= 0

@@ -238,6 +238,7 @@ class Connection:
         self._peer_hello = b""
         self._peer_nonce = b""
         self._auth_sent = False
+        self._hello_sent_at = now
         self._streams: dict[int, _Stream] = {}
         self._next_stream_id = 1 if role is Role.CLIENT else 2
         self._last_peer_stream = 0
@@ -971,6 +972,7 @@ class Connection:
         hello = dict(self.settings.advertised(), role=self.role.value, nonce=self._nonce)
         self._hello = msgpack.packb(hello, use_bin_type=True)
         self._emit(FrameType.HELLO, 0, 0, self._hello)
+        self._hello_sent_at = self._now
 
     def _on_hello(self, payload: bytes) -> None:
         try:
@@ -1017,6 +1019,10 @@ class Connection:
             raise AuthenticationError("the peer's proof is wrong: the two sides hold "
                                       "different secrets")
         self.state = ConnectionState.OPEN
+        if self._tuner is not None:
+            # The peer sends AUTH on our HELLO: one round trip, before any
+            # data queues up (later samples include queueing delay).
+            self._tuner.seed_rtt(self._now - self._hello_sent_at)
         self._last_recv = self._last_ping = self._now
         self._events.append(HandshakeComplete(self.version or 0, dict(self.peer_settings)))
 

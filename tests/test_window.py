@@ -170,3 +170,14 @@ def test_tuner_rule():
 def test_max_window_is_checked():
     with pytest.raises(LocalProtocolError, match="max_window"):
         Settings(max_window=10)
+
+
+def test_a_short_path_keeps_its_windows_despite_queueing():
+    """BDP (20 KB) below the window: data queued ahead of the tuner's PINGs
+    makes them slow, but the handshake's round trip says the path is short,
+    so nothing grows (as on loopback)."""
+    p = Path(settings(), RATE, 0.0002, dt=0.0001)
+    p.run(0.1)
+    assert p.b._tuner.rtt_min < 0.001
+    assert p.windows() == (64 * KiB, 128 * KiB)
+    assert p.throughput(0.05) >= 0.9 * RATE
