@@ -48,7 +48,8 @@ from ..errors import (
 )
 from ..transport.base import RecvStream, SendStream, Transport
 from .landing import (
-    PART_SUFFIX, PartFile, TargetDir, check_free_space, digest_on_disk, hash_file, pwrite_all,
+    PART_SUFFIX, PartFile, TargetDir, TrailingDigest, check_free_space,
+    hash_file, pwrite_all,
 )
 from .source import FileIdentity, check_unchanged, pread_exact
 from .verdict import (
@@ -514,17 +515,14 @@ async def _abort(transport: Transport, fid: str, exc: BaseException) -> None:
     await reply_quietly(transport, "file-abort", id=fid, **failure_fields(exc))
 
 
-async def _digest_part(part: _Part, size: int) -> str:
-    """The whole-file digest of ``.part`` as read back from the file; a file
-    that is not exactly ``size`` bytes (someone appended) cannot match."""
+async def _digest_part(part: _Part, size: int, readback: TrailingDigest) -> str:
+    """The whole-file digest of ``.part`` as read back from the file (by
+    ``readback``, mostly while the bytes arrived); a file that is not exactly
+    ``size`` bytes (someone appended) cannot match."""
     held = part.file.size()
     if held != size:
         return f"a file of {held} bytes, not {size}"
-    fd = os.dup(part.fd)  # the thread's own: a cancel here never closes it under the thread
-    try:
-        return await asyncio.to_thread(digest_on_disk, fd, size)
-    finally:
-        os.close(fd)
+    return await asyncio.to_thread(readback.digest)
 
 
 async def receive_file(transport: Transport, directory: str | os.PathLike[str], *,
@@ -585,8 +583,13 @@ async def receive_file(transport: Transport, directory: str | os.PathLike[str], 
             await _send_control(transport, "file-refuse", id=fid, **failure_fields(exc))
         raise
     try:
-        return await _receive_data(transport, part, offer, offset, overwrite, progress,
-                                   started)
+        # The verdict reads the file back; a thread does it behind the writes.
+        readback = TrailingDigest(part.fd, offer["size"])
+        try:
+            return await _receive_data(transport, part, offer, offset, overwrite, progress,
+                                       started, readback)
+        finally:
+            readback.close()
     finally:
         part.file.close()
         target.close()
@@ -594,9 +597,10 @@ async def receive_file(transport: Transport, directory: str | os.PathLike[str], 
 
 async def _receive_data(transport: Transport, part: _Part, offer: dict[str, Any], offset: int,
                         overwrite: bool, progress: Progress | None,
-                        started: float) -> FileResult:
+                        started: float, readback: TrailingDigest) -> FileResult:
     name, size, fid = offer["name"], offer["size"], offer["id"]
     pos = offset
+    readback.advance(offset)
     data: RecvStream | None = None
     accepted = False
     try:
@@ -618,6 +622,7 @@ async def _receive_data(transport: Transport, part: _Part, offer: dict[str, Any]
             pwrite_all(part.fd, chunk, pos)
             del chunk
             pos += n
+            readback.advance(pos)
             if pos - part.checkpointed >= CHECKPOINT_BYTES:
                 part.checkpoint(pos, durable=False)
             if progress is not None:
@@ -626,7 +631,7 @@ async def _receive_data(transport: Transport, part: _Part, offer: dict[str, Any]
             raise TransferInterrupted(name, pos, f"the stream ended after {pos} of {size} bytes")
         done = await _receive_control(transport, name, fid, ("file-done",))
         # The verdict is on the bytes in the file, not on those that crossed the wire.
-        actual = await _digest_part(part, size)
+        actual = await _digest_part(part, size, readback)
     except IntegrityError:
         # The transport's stream digest failed: some received bytes are bad.
         part.discard()
