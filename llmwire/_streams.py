@@ -103,7 +103,7 @@ class Stream:
     """One stream's state, credit (sender) or window (receiver), and digest."""
 
     __slots__ = ("id", "side", "state", "credit", "window", "unacked", "hasher",
-                 "length", "progress_at", "posted")
+                 "length", "progress_at", "posted", "target", "sampled")
 
     def __init__(self, stream_id: int, side: StreamSide, now: float) -> None:
         self.id = stream_id
@@ -116,3 +116,5 @@ class Stream:
         self.length = 0
         self.progress_at = now
         self.posted: memoryview | None = None  # receiver: where DATA lands next
+        self.target = 0        # receiver: the window's current size (auto-tuned)
+        self.sampled = 0       # receiver: bytes consumed during the window sample

@@ -34,7 +34,7 @@ __all__ = [
     "parse_frame", "encode_preface", "parse_preface", "payload_checksum",
     "encode_open", "parse_open", "encode_end", "parse_end", "encode_code_reason",
     "parse_code_reason", "encode_credit", "parse_credit", "encode_goaway", "parse_goaway",
-    "MAX_FRAME_PAYLOAD_CAP", "MAX_REASON_BYTES",
+    "MAX_FRAME_PAYLOAD_CAP", "MAX_REASON_BYTES", "digest_record",
 ]
 
 Buffer = Union[bytes, bytearray, memoryview]
@@ -63,7 +63,7 @@ class FrameType(enum.IntEnum):
     AUTH = 0x02     # handshake: HMAC-SHA256 proof (32 bytes)
     OPEN = 0x03     # open a stream: u64 offset + msgpack header
     DATA = 0x04     # stream bytes
-    END = 0x05      # end a stream: u64 length + 16-byte xxh3-128 digest
+    END = 0x05      # end a stream: u64 length + 16-byte stream digest
     CANCEL = 0x06   # abort a stream: u32 code + UTF-8 reason
     CREDIT = 0x07   # grant flow-control credit: u32 increment
     PING = 0x08     # keepalive: 8 opaque bytes; flag ACK marks the reply
@@ -128,10 +128,21 @@ class Frame:
     payload: bytes
 
 
-def encode_header(frame_type: int, flags: int, stream_id: int, payload: Buffer) -> bytes:
-    """Return the 20-byte header for ``payload`` (its checksum computed here)."""
+def encode_header(frame_type: int, flags: int, stream_id: int, payload: Buffer,
+                  checksum: int | None = None) -> bytes:
+    """Return the 20-byte header for ``payload`` (its checksum computed here
+    unless the caller computed it already)."""
     return _HEADER.pack(frame_type, flags, 0, stream_id, len(payload),
-                        payload_checksum(payload))
+                        payload_checksum(payload) if checksum is None else checksum)
+
+
+_DIGEST_RECORD = struct.Struct("!IQ")
+
+
+def digest_record(length: int, checksum: int) -> bytes:
+    """What one DATA frame adds to its stream's digest (protocol version 2):
+    u32 payload length, u64 payload checksum (docs/protocol.md, section 5)."""
+    return _DIGEST_RECORD.pack(length, checksum)
 
 
 def encode_frame(frame_type: int, flags: int, stream_id: int, payload: Buffer = b"") -> bytes:
@@ -230,7 +241,7 @@ def parse_open(payload: Buffer) -> tuple[int, bytes]:
 
 
 def encode_end(length: int, digest: bytes) -> bytes:
-    """END payload: u64 bytes sent on the stream, 16-byte xxh3-128 digest."""
+    """END payload: u64 bytes sent on the stream, 16-byte stream digest."""
     return _END.pack(length, digest)
 
 

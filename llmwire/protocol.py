@@ -65,6 +65,7 @@ from ._streams import (
     STREAM_TRANSITIONS, StreamEvent, StreamSide, StreamState, stream_state_diagram, transition,
 )
 from ._streams import Stream as _Stream
+from ._window import WindowTuner
 
 _S, _R = StreamSide.SENDER, StreamSide.RECEIVER
 
@@ -76,8 +77,10 @@ __all__ = [
 
 Buffer = Union[bytes, bytearray, memoryview]
 
-PROTOCOL_VERSION = 1
-SUPPORTED_VERSIONS = (1, 1)
+# Version 2: a stream's digest is built from its DATA frames' checksums
+# (one hashing pass per byte, not two); version 1 hashed the bytes again.
+PROTOCOL_VERSION = 2
+SUPPORTED_VERSIONS = (2, 2)
 #: Before authentication no frame may be larger than this.
 HANDSHAKE_MAX_PAYLOAD = 4096
 NONCE_SIZE = 32
@@ -90,8 +93,13 @@ _SCRATCH_SIZE = 256 * 1024
 # Until the peer is authenticated the scratch buffer only needs room for the
 # preface and one handshake frame: an unauthenticated peer costs 8 KiB, not 256.
 _HANDSHAKE_SCRATCH_SIZE = 8 * 1024
-# Credit goes back once 1/_GRANT_DIVISOR of a window has been consumed.
+# Credit goes back once 1/_GRANT_DIVISOR of a window has been consumed...
 _GRANT_DIVISOR = 2
+# ... and once auto-tuning has grown a window (the window, not the link, was
+# the limit), every quarter: with halves a window-limited sender idles about
+# a quarter of each round trip. Halves cost less CPU where the window is not
+# the limit (loopback: fewer CREDIT frames and sender wake-ups).
+_GROWN_GRANT_DIVISOR = 4
 
 
 class Role(enum.Enum):
@@ -115,7 +123,13 @@ class ConnectionState(enum.Enum):
 
 @dataclass(frozen=True)
 class Settings:
-    """Local limits and timers. The first five are advertised in HELLO."""
+    """Local limits and timers. The first five are advertised in HELLO.
+
+    ``window_autotune``: the receive windows (``stream_window``,
+    ``connection_window``) grow towards twice the measured bandwidth-delay
+    product of what the consumer takes, never beyond ``max_window`` (local
+    only, not advertised; docs/protocol.md, "Window auto-tuning").
+    """
 
     max_frame_payload: int = 1024 * 1024
     stream_window: int = 8 * 1024 * 1024
@@ -126,9 +140,14 @@ class Settings:
     idle_timeout: float | None = 30.0
     handshake_timeout: float | None = 10.0
     progress_timeout: float | None = None
+    window_autotune: bool = True
+    max_window: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
         _check_advertised(self.advertised(), LocalProtocolError)
+        if type(self.max_window) is not int or not 1024 <= self.max_window <= MAX_WINDOW:
+            raise LocalProtocolError(f"setting max_window={self.max_window!r} outside "
+                                     f"1024..{MAX_WINDOW}")
 
     def advertised(self) -> dict[str, int]:
         """The settings sent to the peer in HELLO."""
@@ -152,6 +171,11 @@ def _check_advertised(values: Mapping[str, Any], exc: type[Exception]) -> None:
         v = values.get(name)
         if type(v) is not int or not lo <= v <= hi:
             raise exc(f"setting {name}={v!r} outside {lo}..{hi}")
+
+
+def _grant_threshold(window: int, initial: int) -> int:
+    """Consumed bytes after which a window's credit goes back."""
+    return window // (_GRANT_DIVISOR if window <= initial else _GROWN_GRANT_DIVISOR)
 
 
 def _error_code(exc: BaseException) -> int | None:
@@ -214,6 +238,7 @@ class Connection:
         self._peer_hello = b""
         self._peer_nonce = b""
         self._auth_sent = False
+        self._hello_sent_at = now
         self._streams: dict[int, _Stream] = {}
         self._next_stream_id = 1 if role is Role.CLIENT else 2
         self._last_peer_stream = 0
@@ -222,6 +247,8 @@ class Connection:
         self._conn_credit = 0                       # we may send this much
         self._conn_window = self.settings.connection_window  # peer may send
         self._conn_unacked = 0
+        self._tuner = WindowTuner(self.settings.max_window) if self.settings.window_autotune else None
+        self._conn_target = self.settings.connection_window  # current connection window
         self.goaway_sent = False
         self.goaway_received: GoAwayReceived | None = None
         # receive machinery
@@ -474,12 +501,14 @@ class Connection:
         st.credit -= n
         self._conn_credit -= n
         st.length += n
-        st.hasher.update(data)
-        self._out.append(fr.encode_header(FrameType.DATA, 0, stream_id, data))
+        checksum = fr.payload_checksum(data)
+        st.hasher.update(fr.digest_record(n, checksum))
+        self._out.append(fr.encode_header(FrameType.DATA, 0, stream_id, data, checksum))
         self._out.append(data)
 
     def end_stream(self, stream_id: StreamId | int) -> bytes:
-        """Queue END with the stream's length and xxh3-128 digest; return the digest."""
+        """Queue END with the stream's length and digest; return the digest
+        (xxh3-128 over each DATA frame's length and checksum, docs/protocol.md)."""
         self._require_open(closing_ok=True)
         st = self._send_stream(stream_id)
         self._transition(st, StreamEvent.SEND_END)
@@ -509,18 +538,21 @@ class Connection:
         """The consumer has taken ``nbytes`` of ``stream_id``: grant credit back.
 
         Credit is returned as data is consumed, not as it arrives, so a slow
-        consumer slows the sender down. Grants are batched (half a window).
+        consumer slows the sender down. Grants are batched (half a window; a
+        quarter once auto-tuning has grown it).
         """
         if nbytes <= 0 or self.state not in (ConnectionState.OPEN, ConnectionState.CLOSING):
             return
+        if self._tuner is not None:
+            self._tuner.on_consumed(nbytes)
         self._conn_unacked += nbytes
         st = self._streams.get(stream_id)
         if st is not None and st.side is _R and st.state is StreamState.OPEN:
+            st.sampled += nbytes
             st.unacked += nbytes
-            if st.unacked >= self.settings.stream_window // _GRANT_DIVISOR:
+            if st.unacked >= _grant_threshold(st.target, self.settings.stream_window):
                 self._grant(st)
-        if self._conn_unacked >= self.settings.connection_window // _GRANT_DIVISOR:
-            self._grant_connection()
+        self._maybe_grant_connection()
 
     def post_buffer(self, stream_id: StreamId | int, buffer: Buffer) -> None:
         """Receive the next DATA payloads of ``stream_id`` straight into ``buffer``.
@@ -683,6 +715,47 @@ class Connection:
         st.window += inc
         st.progress_at = self._now
         self._emit(FrameType.CREDIT, 0, st.id, fr.encode_credit(inc))
+
+    def _start_window_sample(self) -> None:
+        assert self._tuner is not None
+        for st in self._streams.values():
+            st.sampled = 0
+        self.ping(self._tuner.start(self._now))
+
+    def _finish_window_sample(self) -> None:
+        """Grow the windows the sample found limiting (credit goes out now)."""
+        tuner = self._tuner
+        assert tuner is not None
+        consumed = tuner.consumed
+        factor = tuner.finish(self._now)
+        if factor is None:
+            tuner.rest(False, self._conn_target)
+            return
+        grew = False
+        for st in self._streams.values():
+            if st.side is _R and st.state is StreamState.OPEN:
+                new = tuner.grown(st.target, st.sampled, factor)
+                if new > st.target:
+                    grew = True
+                    st.unacked += new - st.target
+                    st.target = new
+                    self._grant(st)
+        new = tuner.grown(self._conn_target, consumed, factor)
+        if new > self._conn_target:
+            self._conn_unacked += new - self._conn_target
+            self._conn_target = new
+            self._pool_cap = 2 + new // self.settings.max_frame_payload
+            self._grant_connection()
+            grew = True
+        tuner.rest(grew, self._conn_target)
+
+    @property
+    def receive_windows(self) -> dict[int, int]:
+        """Current receive window sizes: stream id -> bytes, and 0 for the
+        connection (they grow under ``Settings.window_autotune``)."""
+        sizes = {sid: st.target for sid, st in self._streams.items() if st.side is _R}
+        sizes[0] = self._conn_target
+        return sizes
 
     def _grant_connection(self) -> None:
         inc = self._conn_unacked
@@ -849,7 +922,7 @@ class Connection:
             raise ChecksumMismatch(h.stream_id, h.checksum, actual)
         t = h.type
         if t is FrameType.DATA:
-            self._on_data(h.stream_id, payload, posted)
+            self._on_data(h.stream_id, payload, actual, posted)
         elif t is FrameType.CREDIT:
             self._on_credit(h.stream_id, fr.parse_credit(payload))
         elif t is FrameType.OPEN:
@@ -860,7 +933,10 @@ class Connection:
             self._on_cancel(h.stream_id, payload)
         elif t is FrameType.PING:
             if h.flags & fr.Flag.ACK:
-                self._events.append(PingAcknowledged(bytes(payload)))
+                if self._tuner is not None and self._tuner.ping == payload:
+                    self._finish_window_sample()
+                else:
+                    self._events.append(PingAcknowledged(bytes(payload)))
             else:
                 if len(payload) != 8:
                     raise MalformedFrame("PING payload must be 8 bytes")
@@ -896,6 +972,7 @@ class Connection:
         hello = dict(self.settings.advertised(), role=self.role.value, nonce=self._nonce)
         self._hello = msgpack.packb(hello, use_bin_type=True)
         self._emit(FrameType.HELLO, 0, 0, self._hello)
+        self._hello_sent_at = self._now
 
     def _on_hello(self, payload: bytes) -> None:
         try:
@@ -942,6 +1019,10 @@ class Connection:
             raise AuthenticationError("the peer's proof is wrong: the two sides hold "
                                       "different secrets")
         self.state = ConnectionState.OPEN
+        if self._tuner is not None:
+            # The peer sends AUTH on our HELLO: one round trip, before any
+            # data queues up (later samples include queueing delay).
+            self._tuner.seed_rtt(self._now - self._hello_sent_at)
         self._last_recv = self._last_ping = self._now
         self._events.append(HandshakeComplete(self.version or 0, dict(self.peer_settings)))
 
@@ -967,7 +1048,7 @@ class Connection:
         self._last_peer_stream = sid
         st = _Stream(sid, _R, self._now)
         self._transition(st, StreamEvent.RECV_OPEN)
-        st.window = self.settings.stream_window
+        st.window = st.target = self.settings.stream_window
         self._streams[sid] = st
         self._recv_streams += 1
         if len(raw) > self.settings.max_header_size:
@@ -989,7 +1070,8 @@ class Connection:
             return
         self._events.append(StreamOpened(sid, header, offset))
 
-    def _on_data(self, sid: int, payload: Buffer, posted: _Stream | None = None) -> None:
+    def _on_data(self, sid: int, payload: Buffer, checksum: int,
+                 posted: _Stream | None = None) -> None:
         n = len(payload)
         self._conn_window -= n
         st = self._streams.get(sid)
@@ -1008,7 +1090,9 @@ class Connection:
         st.window -= n
         st.length += n
         st.progress_at = self._now
-        st.hasher.update(payload)
+        if self._tuner is not None and self._tuner.wants_sample():
+            self._start_window_sample()
+        st.hasher.update(fr.digest_record(n, checksum))
         if posted is not None:
             assert posted is st and st.posted is not None
             rest = st.posted[n:]
@@ -1028,7 +1112,8 @@ class Connection:
             self._events.append(DataReceived(sid, memoryview(payload)))
 
     def _maybe_grant_connection(self) -> None:
-        if self._conn_unacked >= self.settings.connection_window // _GRANT_DIVISOR:
+        if self._conn_unacked >= _grant_threshold(self._conn_target,
+                                                  self.settings.connection_window):
             self._grant_connection()
 
     def _on_end(self, sid: int, payload: Buffer) -> None:

@@ -14,6 +14,7 @@ from typing import Any, Coroutine
 
 import numpy as np
 import pytest
+import xxhash
 from hypothesis import HealthCheck, settings
 
 from llmwire.protocol import Connection, Role, Settings
@@ -91,6 +92,16 @@ def arun(coro: Coroutine[Any, Any, Any], timeout: float = 15.0) -> Any:
             loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
+
+
+def frame_digest(body: bytes, frame: int = 1024 * 1024) -> bytes:
+    """The stream digest by its definition in docs/protocol.md (version 2):
+    xxh3-128 over (u32 length, u64 xxh3-64) of each DATA frame's payload."""
+    h = xxhash.xxh3_128()
+    for i in range(0, len(body), frame):
+        part = body[i:i + frame]
+        h.update(len(part).to_bytes(4, "big") + xxhash.xxh3_64_intdigest(part).to_bytes(8, "big"))
+    return h.digest()
 
 
 class Pair:

@@ -11,7 +11,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "llmwire"
 FORBIDDEN = {"asyncio", "socket", "time", "select", "selectors", "threading", "ssl"}
 
 
-@pytest.mark.parametrize("module", ["frames.py", "protocol.py", "_streams.py", "events.py"])
+@pytest.mark.parametrize("module", ["frames.py", "protocol.py", "_streams.py", "_window.py", "events.py"])
 def test_core_imports_no_io(module):
     tree = ast.parse((ROOT / module).read_text())
     found = set()
@@ -21,6 +21,6 @@ def test_core_imports_no_io(module):
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found.add(node.module.split(".")[0])
         elif isinstance(node, ast.ImportFrom) and node.level > 0 and node.module:
-            assert node.module.split(".")[0] in {"errors", "events", "frames", "_streams"}, \
+            assert node.module.split(".")[0] in {"errors", "events", "frames", "_streams", "_window"}, \
                 node.module
     assert not found & FORBIDDEN, f"{module} imports {found & FORBIDDEN}"

@@ -30,6 +30,7 @@ def test_header_is_20_bytes():
 def test_preface_vector():
     assert f.encode_preface(1, 1).hex() == VECTORS["preface_v1"]
     assert f.parse_preface(bytes.fromhex(VECTORS["preface_v1"])) == (1, 1)
+    assert f.encode_preface(2, 2).hex() == VECTORS["preface_v2"]
 
 
 @pytest.mark.parametrize("vec", VECTORS["frames"], ids=lambda v: v["name"])

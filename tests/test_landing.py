@@ -476,3 +476,42 @@ def test_checkpoint_load_refuses_a_file_changed_while_it_is_read(tmp_path):
             checkpoint.load()
         with pytest.raises(SourceChanged):
             checkpoint["a"].load()
+
+
+# --- the read-back that trails the writes --------------------------------------------
+
+def test_trailing_digest_reads_back_what_was_written_as_it_is_written(tmp_path):
+    from llmwire.payloads.landing import TrailingDigest
+
+    data = os.urandom(3 * 4096 + 123)
+    fd = os.open(tmp_path / "x.part", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        trailing = TrailingDigest(fd, len(data), block=4096)
+        try:
+            for pos in range(0, len(data), 1000):   # writes that straddle blocks
+                os.pwrite(fd, data[pos:pos + 1000], pos)
+                trailing.advance(min(pos + 1000, len(data)))
+            assert trailing.digest() == xxhash.xxh3_128_hexdigest(data)
+        finally:
+            trailing.close()
+    finally:
+        os.close(fd)
+
+
+def test_trailing_digest_of_a_short_file_is_an_error_and_close_stops_it(tmp_path):
+    from llmwire.payloads.landing import TrailingDigest
+
+    fd = os.open(tmp_path / "y.part", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.pwrite(fd, b"abc", 0)
+        short = TrailingDigest(fd, 10, block=4)
+        try:
+            with pytest.raises(OSError, match="ends at byte 3"):
+                short.digest()
+        finally:
+            short.close()
+        idle = TrailingDigest(fd, 1 << 20)          # never advanced: close ends it
+        idle.close()
+        assert not idle._thread.is_alive()
+    finally:
+        os.close(fd)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import pathlib
+
 import msgpack
 import pytest
 import xxhash
 from hypothesis import given, settings as hsettings, strategies as st
 
-from conftest import Pair
+from conftest import Pair, frame_digest
 from llmwire import events as E
 from llmwire import frames as f
 from llmwire.errors import (
@@ -35,6 +38,8 @@ from llmwire.errors import (
 from llmwire.frames import ErrorCode, FrameType
 from llmwire.protocol import Connection, ConnectionState, Role, Settings, StreamState
 
+VECTORS = json.loads((pathlib.Path(__file__).parent / "vectors" / "frames.json").read_text())
+
 SMALL = Settings(max_frame_payload=4096, stream_window=16384, connection_window=32768)
 
 
@@ -55,7 +60,7 @@ def test_handshake_completes_both_sides():
     for c in (p.a, p.b):
         assert c.state is ConnectionState.OPEN
         (ev,) = c.events_received()
-        assert isinstance(ev, E.HandshakeComplete) and ev.version == 1
+        assert isinstance(ev, E.HandshakeComplete) and ev.version == 2
 
 
 def test_secret_never_on_the_wire():
@@ -109,14 +114,14 @@ def test_after_error_everything_says_closed():
 
 
 def test_version_mismatch_on_both_sides():
-    new = Connection(Role.CLIENT, b"s", versions=(2, 3))
+    new = Connection(Role.CLIENT, b"s", versions=(3, 4))
     old = Connection(Role.SERVER, b"s")
     with pytest.raises(VersionMismatch) as e1:
         old.receive_data(b"".join(new.data_to_send()))
     with pytest.raises(VersionMismatch) as e2:
         new.receive_data(b"".join(old.data_to_send()))
-    assert e1.value.local == (1, 1) and e1.value.remote == (2, 3)
-    assert e2.value.remote == (1, 1)
+    assert e1.value.local == (2, 2) and e1.value.remote == (3, 4)
+    assert e2.value.remote == (2, 2)
     assert "no common protocol version" in str(e1.value)
     assert old.state is new.state is ConnectionState.ERROR
 
@@ -133,7 +138,7 @@ def test_garbage_before_handshake(garbage):
 
 def test_only_handshake_frames_before_auth():
     c = Connection(Role.SERVER, b"s")
-    c.receive_data(f.encode_preface(1, 1))
+    c.receive_data(f.encode_preface(2, 2))
     with pytest.raises(HandshakeError, match="before authentication"):
         c.receive_data(f.encode_frame(FrameType.OPEN, 0, 1, f.encode_open(0, b"\x80")))
 
@@ -153,18 +158,18 @@ def test_data_before_auth_after_hello_rejected():
 
 def test_handshake_frame_size_limited_before_auth():
     c = Connection(Role.SERVER, b"s")
-    c.receive_data(f.encode_preface(1, 1))
+    c.receive_data(f.encode_preface(2, 2))
     with pytest.raises(FrameTooLarge):
         c.receive_data(f.encode_header(FrameType.HELLO, 0, 0, b"x" * 5000))
 
 
 def test_hello_garbage_is_handshake_error():
     c = Connection(Role.SERVER, b"s")
-    c.receive_data(f.encode_preface(1, 1))
+    c.receive_data(f.encode_preface(2, 2))
     with pytest.raises(HandshakeError):
         c.receive_data(f.encode_frame(FrameType.HELLO, 0, 0, b"\xc1garbage"))
     c2 = Connection(Role.SERVER, b"s")
-    c2.receive_data(f.encode_preface(1, 1))
+    c2.receive_data(f.encode_preface(2, 2))
     bad = msgpack.packb({"role": "client", "nonce": b"n" * 32, "max_frame_payload": 1})
     with pytest.raises(HandshakeError, match="max_frame_payload"):
         c2.receive_data(f.encode_frame(FrameType.HELLO, 0, 0, bad))
@@ -193,7 +198,7 @@ def test_stream_round_trip_with_offset_and_digest(pair):
     assert ev[0].header == {"name": "w", "shape": [2, 3]} and ev[0].offset == 1234
     assert data_of(ev, sid) == body
     assert ev[-1] == E.StreamEnded(sid, len(body), digest)
-    assert digest == xxhash.xxh3_128(body).digest()
+    assert digest == frame_digest(body, pair.a.max_send_frame)
     assert pair.a.open_streams == {} and pair.b.open_streams == {}
 
 
@@ -290,6 +295,62 @@ def test_max_streams_respected():
 
 
 # --- faults ----------------------------------------------------------------------
+
+def _data_frames(conn, sid, parts):
+    """The DATA frames ``conn`` emits for ``parts`` (one frame each), as bytes."""
+    frames = []
+    for part in parts:
+        conn.send_data(sid, part)
+        frames.append(b"".join(bytes(b) for b in conn.data_to_send()))
+    return frames
+
+
+@pytest.mark.parametrize("tamper", ["drop", "swap", "duplicate", "resplit"])
+def test_digest_from_frame_checksums_still_catches_lost_reordered_or_extra_frames(pair, tamper):
+    """Version 2's digest is built from the frames' checksums, not the bytes:
+    each frame's payload is still checked by its own checksum, and a frame
+    lost, swapped, repeated, or the same bytes framed otherwise, fails the
+    stream (the receiver's credit is large enough for every variant)."""
+    sid = pair.a.open_stream({})
+    pair.pump()
+    pair.b.events_received()
+    parts = [b"a" * 100, b"b" * 100, b"c" * 100]
+    frames = _data_frames(pair.a, sid, parts)
+    pair.a.end_stream(sid)
+    end = b"".join(bytes(b) for b in pair.a.data_to_send())
+    if tamper == "drop":
+        frames = [frames[0], frames[2]]
+    elif tamper == "swap":
+        frames = [frames[1], frames[0], frames[2]]          # same length, same bytes multiset
+    elif tamper == "duplicate":
+        frames = [frames[0], frames[0], frames[2]]          # same length
+    else:
+        whole = b"".join(parts)
+        frames = [f.encode_frame(FrameType.DATA, 0, sid, whole[:150]),
+                  f.encode_frame(FrameType.DATA, 0, sid, whole[150:])]
+    for frame in frames:
+        pair.b.receive_data(frame)
+    pair.b.receive_data(end)
+    ev = pair.b.events_received()[-1]
+    assert isinstance(ev, E.StreamFailed) and isinstance(ev.error, IntegrityError), tamper
+    assert pair.b.state is ConnectionState.OPEN
+
+
+def test_stream_digest_vector():
+    """The stored digest of stored frames (tests/vectors/frames.json), by the
+    receiving side's computation."""
+    vec = VECTORS["stream_digest_v2"]
+    p = Pair()
+    sid = p.a.open_stream({})
+    p.pump()
+    p.b.events_received()
+    for hex_part in vec["payloads"]:
+        p.b.receive_data(f.encode_frame(FrameType.DATA, 0, sid, bytes.fromhex(hex_part)))
+    total = sum(len(bytes.fromhex(x)) for x in vec["payloads"])
+    p.b.receive_data(f.encode_frame(FrameType.END, 0, sid,
+                                    f.encode_end(total, bytes.fromhex(vec["digest"]))))
+    assert p.b.events_received()[-1] == E.StreamEnded(sid, total, bytes.fromhex(vec["digest"]))
+
 
 def test_integrity_mismatch_fails_stream_connection_survives(pair):
     bad, good = pair.a.open_stream({}), pair.a.open_stream({})
@@ -523,7 +584,7 @@ def test_fuzz_after_handshake(noise, cut):
 def test_fuzz_before_handshake(noise):
     conn = Connection(Role.SERVER, b"s")
     try:
-        conn.receive_data(f.encode_preface(1, 1) + noise)
+        conn.receive_data(f.encode_preface(2, 2) + noise)
     except LlmwireError:
         pass
     assert conn.state in (ConnectionState.HELLO, ConnectionState.ERROR)

@@ -116,7 +116,7 @@ def test_version_mismatch_both_sides(against_server):
         w.write(f.encode_preface(7, 9))
         reply = await asyncio.wait_for(r.read(100), 5)
         assert reply[:8] == f.MAGIC  # the server said which versions it speaks
-        assert f.parse_preface(reply[:12]) == (1, 1)
+        assert f.parse_preface(reply[:12]) == (2, 2)
         assert await asyncio.wait_for(r.read(100), 5) == b""  # then closed
         w.close()
         # And an llmwire client meeting a newer-only server says so.
@@ -278,7 +278,7 @@ def test_client_sees_server_vanish():
 def test_handshake_frames_only_before_auth_over_socket(against_server):
     async def body(srv, rec):
         r, w = await asyncio.open_connection("127.0.0.1", srv.port)
-        w.write(f.encode_preface(1, 1) + f.encode_frame(FrameType.OPEN, 0, 1,
+        w.write(f.encode_preface(2, 2) + f.encode_frame(FrameType.OPEN, 0, 1,
                                                         f.encode_open(0, b"\x80")))
         await asyncio.wait_for(r.read(), 5)
         w.close()

@@ -29,7 +29,7 @@ from .common import (
 __all__ = ["main", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_CONNECTION", "EXIT_AUTH",
            "EXIT_REFUSED", "EXIT_INTEGRITY", "EXIT_INTERRUPTED", "EXIT_TERMINATED"]
 
-_BENCHES = ("quant", "wire", "stream", "file", "round", "learn", "flower", "nvflare",
+_BENCHES = ("quant", "wire", "stream", "file", "link", "round", "learn", "flower", "nvflare",
             "scale")
 
 _EPILOG = """\
@@ -124,7 +124,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description=profile.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     profile.add_arguments(profile_parser)
 
-    bench = commands.add_parser("bench", help="benchmarks (quant, wire, stream, file, round, "
+    bench = commands.add_parser("bench", help="benchmarks (quant, wire, stream, file, link, round, "
                                               "learn, flower, nvflare, scale)",
                                 description="Benchmarks; each prints medians of repeated runs "
                                             "and ratios against a baseline measured in the "

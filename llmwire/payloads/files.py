@@ -48,8 +48,8 @@ from ..errors import (
 )
 from ..transport.base import RecvStream, SendStream, Transport
 from .landing import (
-    PART_SUFFIX, PartFile, TargetDir, check_free_space, digest_on_disk, hash_file, pwrite_all,
-    replace_file,
+    PART_SUFFIX, PartFile, TargetDir, TrailingDigest, check_free_space,
+    hash_file, pwrite_all, replace_file,
 )
 from .source import FileIdentity, check_unchanged, pread_exact
 from .verdict import (
@@ -246,8 +246,7 @@ async def _send_range(stream: SendStream, fd: int, name: str, start: int, size: 
             if got < n:
                 raise SourceChanged(name, f"it ends at byte {pos + got}, {size} were announced")
             with memoryview(buffer)[:n] as piece:
-                if hasher is not None:
-                    hasher.update(piece)
+                hasher.update(piece)
                 await stream.send(piece)
             reads.popleft()
             free.append(buffer)
@@ -308,11 +307,11 @@ async def send_file(transport: Transport, path: str | os.PathLike[str], *,
         if type(offset) is not int or not 0 <= offset <= size:
             raise FileTransferError(f"file {name!r}: the receiver asked to resume at "
                                     f"{offset!r}, outside [0, {size}]")
-        # From offset 0 the stream's own xxh3-128 (end() returns it) is the
-        # whole file's digest; a resumed transfer hashes the prefix, then the rest.
-        hasher = None
+        # The whole file's xxh3-128: a resumed transfer hashes the prefix,
+        # then the rest as it goes out. (The stream's own digest is built
+        # from frame checksums, protocol version 2: not a digest of the file.)
+        hasher = xxhash.xxh3_128()
         if offset:
-            hasher = xxhash.xxh3_128()
             await _hash_prefix_in_thread(fd, offset, hasher, name)
         stream = await transport.open_stream({"kind": "file", "id": fid}, offset=offset)
         done = _Progress()
@@ -320,7 +319,7 @@ async def send_file(transport: Transport, path: str | os.PathLike[str], *,
             await _send_range(stream, fd, name, offset, size, depth, chunk, hasher,
                               progress, done)
             check_unchanged(fd, identity, name)  # before the end makes it complete
-            stream_digest = await stream.end()
+            await stream.end()
         except BaseException as exc:
             await stream.cancel(reason=f"sender failed: {_reason(exc)}"[:200])
             at = offset + done.sent
@@ -335,7 +334,7 @@ async def send_file(transport: Transport, path: str | os.PathLike[str], *,
             if isinstance(exc, ConnectionClosed):
                 raise TransferInterrupted(name, at, _reason(exc)) from exc
             raise
-        digest = (hasher.hexdigest() if hasher is not None else stream_digest.hex())
+        digest = hasher.hexdigest()
         await _send_control(transport, "file-done", id=fid, digest=digest)
         try:
             reply = await _receive_control(transport, name, fid,
@@ -505,17 +504,14 @@ async def _abort(transport: Transport, fid: str, exc: BaseException) -> None:
     await reply_quietly(transport, "file-abort", id=fid, **failure_fields(exc))
 
 
-async def _digest_part(part: _Part, size: int) -> str:
-    """The whole-file digest of ``.part`` as read back from the file; a file
-    that is not exactly ``size`` bytes (someone appended) cannot match."""
+async def _digest_part(part: _Part, size: int, readback: TrailingDigest) -> str:
+    """The whole-file digest of ``.part`` as read back from the file (by
+    ``readback``, mostly while the bytes arrived); a file that is not exactly
+    ``size`` bytes (someone appended) cannot match."""
     held = part.file.size()
     if held != size:
         return f"a file of {held} bytes, not {size}"
-    fd = os.dup(part.fd)  # the thread's own: a cancel here never closes it under the thread
-    try:
-        return await asyncio.to_thread(digest_on_disk, fd, size)
-    finally:
-        os.close(fd)
+    return await asyncio.to_thread(readback.digest)
 
 
 async def receive_file(transport: Transport, directory: str | os.PathLike[str], *,
@@ -576,8 +572,13 @@ async def receive_file(transport: Transport, directory: str | os.PathLike[str], 
             await _send_control(transport, "file-refuse", id=fid, **failure_fields(exc))
         raise
     try:
-        return await _receive_data(transport, part, offer, offset, overwrite, progress,
-                                   started)
+        # The verdict reads the file back; a thread does it behind the writes.
+        readback = TrailingDigest(part.fd, offer["size"])
+        try:
+            return await _receive_data(transport, part, offer, offset, overwrite, progress,
+                                       started, readback)
+        finally:
+            readback.close()
     finally:
         part.file.close()
         target.close()
@@ -585,9 +586,10 @@ async def receive_file(transport: Transport, directory: str | os.PathLike[str], 
 
 async def _receive_data(transport: Transport, part: _Part, offer: dict[str, Any], offset: int,
                         overwrite: bool, progress: Progress | None,
-                        started: float) -> FileResult:
+                        started: float, readback: TrailingDigest) -> FileResult:
     name, size, fid = offer["name"], offer["size"], offer["id"]
     pos = offset
+    readback.advance(offset)
     data: RecvStream | None = None
     accepted = False
     try:
@@ -609,6 +611,7 @@ async def _receive_data(transport: Transport, part: _Part, offer: dict[str, Any]
             pwrite_all(part.fd, chunk, pos)
             del chunk
             pos += n
+            readback.advance(pos)
             if pos - part.checkpointed >= CHECKPOINT_BYTES:
                 part.checkpoint(pos, durable=False)
             if progress is not None:
@@ -617,7 +620,7 @@ async def _receive_data(transport: Transport, part: _Part, offer: dict[str, Any]
             raise TransferInterrupted(name, pos, f"the stream ended after {pos} of {size} bytes")
         done = await _receive_control(transport, name, fid, ("file-done",))
         # The verdict is on the bytes in the file, not on those that crossed the wire.
-        actual = await _digest_part(part, size)
+        actual = await _digest_part(part, size, readback)
     except IntegrityError:
         # The transport's stream digest failed: some received bytes are bad.
         part.discard()

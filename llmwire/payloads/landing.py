@@ -27,13 +27,15 @@ import errno
 import fcntl
 import os
 import stat
+import threading
 from typing import Any, Sequence
 
 import xxhash
 
 from ..errors import FileWriteError, TargetBusy, TargetExists, UnsafeFileName
 
-__all__ = ["TargetDir", "PartFile", "replace_file", "digest_on_disk", "hash_file", "pwrite_all", "free_bytes",
+__all__ = ["TargetDir", "PartFile", "TrailingDigest", "replace_file", "digest_on_disk",
+           "hash_file", "pwrite_all", "free_bytes",
            "check_free_space", "PART_SUFFIX", "READ_BLOCK"]
 
 PART_SUFFIX = ".part"
@@ -111,6 +113,74 @@ def replace_file(directory: "TargetDir", name: str, data: bytes, durable: bool) 
     os.replace(tmp, name, src_dir_fd=directory.fd, dst_dir_fd=directory.fd)
     if durable:
         directory.fsync()
+
+
+class TrailingDigest:
+    """xxh3-128 (hex) of bytes ``[0, length)`` of ``fd`` *as the file holds
+    them*, read back while the file is still being written: a worker thread
+    reads and hashes up to the mark the writer has reached
+    (:meth:`advance`), so the read-back overlaps the transfer instead of
+    following it. :meth:`digest` waits for the rest; :meth:`close` (always)
+    stops the thread and closes its own copy of ``fd``."""
+
+    def __init__(self, fd: int, length: int, block: int = READ_BLOCK) -> None:
+        self._fd = os.dup(fd)
+        self._length = length
+        self._block = max(1, min(block, length or 1))
+        self._mark = 0
+        self._done = 0
+        self._stop = False
+        self._error: OSError | None = None
+        self._hasher = xxhash.xxh3_128()
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="llmwire-readback", daemon=True)
+        self._thread.start()
+
+    def advance(self, mark: int) -> None:
+        """Bytes ``[0, mark)`` are written (``pwrite`` returned)."""
+        with self._cond:
+            if mark > self._mark:
+                self._mark = min(mark, self._length)
+                if self._mark - self._done >= self._block or self._mark == self._length:
+                    self._cond.notify()
+
+    def _run(self) -> None:
+        view = memoryview(bytearray(self._block))
+        try:
+            while self._done < self._length:
+                with self._cond:
+                    while not self._stop and self._mark - self._done < self._block \
+                            and self._mark < self._length:
+                        self._cond.wait()
+                    if self._stop:
+                        return
+                    upto = self._mark
+                while self._done < upto:
+                    n = os.preadv(self._fd, [view[:min(self._block, upto - self._done)]],
+                                  self._done)
+                    if n <= 0:
+                        raise OSError(errno.EIO, f"the file ends at byte {self._done}, "
+                                                 f"before {self._length}")
+                    self._hasher.update(view[:n])
+                    self._done += n
+        except OSError as exc:
+            self._error = exc
+
+    def digest(self) -> str:
+        """The digest, once every byte up to ``length`` was written and read
+        back (blocks: call it in a worker thread)."""
+        self.advance(self._length)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._hasher.hexdigest()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join()
+        os.close(self._fd)
 
 
 class TargetDir:

@@ -42,7 +42,8 @@ class SendStream(abc.ABC):
 
     @abc.abstractmethod
     async def end(self) -> bytes:
-        """End the stream; the peer checks the xxh3-128 digest. Returns the digest."""
+        """End the stream; the peer checks its length and digest (xxh3-128 over
+        the frames' checksums, docs/protocol.md). Returns the digest."""
 
     @abc.abstractmethod
     async def cancel(self, code: int = 10, reason: str = "") -> None:

@@ -15,7 +15,7 @@ from llmwire import frames
 from llmwire.errors import LlmwireError
 from llmwire.protocol import Connection, Role
 
-_PREFACE = frames.encode_preface(1, 1)
+_PREFACE = frames.encode_preface(2, 2)
 
 
 def one_input(data: bytes) -> None:

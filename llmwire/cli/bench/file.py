@@ -5,9 +5,9 @@ Creates a file of ``--size`` bytes (random blocks), then alternates,
 
 - **raw socket**: blocking ``sendall`` of a reused buffer / ``recv_into`` a
   reused buffer (``llmwire bench wire``'s baseline: no file, no hashing);
-- **raw socket to file**: the same, the receiver ``pwrite``-ing each buffer
-  into a new file and fsyncing it once (the ceiling a receiver that lands
-  bytes on disk can reach);
+- **raw socket to file**: ``sendfile`` of the source file / ``recv_into`` a
+  reused buffer, ``pwrite``-ing each into a new file and fsyncing it once
+  (the ceiling a receiver that lands bytes on disk can reach);
 - **llmwire file**: ``send_file`` / ``receive_file`` (uvloop when installed),
   the receiver landing it crash-safely (``.part``, read-back verdict, rename).
 
@@ -25,6 +25,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import socket
 import statistics
 import sys
 import tempfile
@@ -159,10 +160,37 @@ def _raw_file_receiver(conn: Any, nbytes: int, chunk: int, dest: str) -> None:
     srv.close()
 
 
-def _raw_file_run(ctx: Any, nbytes: int, chunk: int, dest: str) -> float:
+def _raw_file_run(ctx: Any, source: str, nbytes: int, chunk: int, dest: str) -> float:
     shutil.rmtree(dest, ignore_errors=True)
     os.makedirs(dest)
-    return nbytes / _one_run(ctx, _RawFileReceiver(dest), _raw_sender, nbytes, chunk) / 1e9
+    return nbytes / _one_run(ctx, _RawFileReceiver(dest), _SendfileSender(source), nbytes,
+                             chunk) / 1e9
+
+
+class _SendfileSender:
+    """The raw baseline's sender: ``os.sendfile`` of the source file (the
+    kernel copies from the page cache; no user-space buffer)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __call__(self, conn: Any, port: int, nbytes: int, chunk: int) -> None:
+        s = socket.create_connection(("127.0.0.1", port))
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            t0 = time.perf_counter()
+            sent = 0
+            while sent < nbytes:
+                n = os.sendfile(s.fileno(), fd, sent, min(nbytes - sent, 1 << 30))
+                if n == 0:
+                    raise RuntimeError("the source file ended early")
+                sent += n
+            if s.recv(1) != b"k":
+                raise RuntimeError("the raw receiver did not acknowledge")
+            conn.send(time.perf_counter() - t0)
+        finally:
+            os.close(fd)
+            s.close()
 
 
 class _RawFileReceiver:
@@ -198,7 +226,7 @@ def measure(size: int, runs: int, chunk: int, directory: str | None) -> dict[str
         raw, raw_file, done = [], [], []
         for _ in range(runs):
             raw.append(size / _one_run(ctx, _raw_receiver, _raw_sender, size, chunk) / 1e9)
-            raw_file.append(_raw_file_run(ctx, size, chunk, dest))
+            raw_file.append(_raw_file_run(ctx, path, size, chunk, dest))
             done.append(_file_run(ctx, path, dest, size))
     finally:
         shutil.rmtree(work, ignore_errors=True)

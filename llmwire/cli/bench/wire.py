@@ -10,8 +10,11 @@ pair of processes (one sends, one receives) over 127.0.0.1:
   verified) and returns credit as it consumes.
 
 The sender's clock runs from its first byte until the receiver's one-byte
-(raw) or one-message (llmwire) acknowledgement that everything arrived.
-The figure printed is the median over ``--runs`` runs.
+(raw) or one-message (llmwire) acknowledgement that everything arrived;
+over the same span the sender's own user + system CPU time is taken
+(``os.times``), reported per GiB: the cost of the protocol and its
+integrity pass on top of the socket's. The figures printed are medians over
+``--runs`` runs.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk", type=int, default=4 << 20,
                         help="bytes per send call (default: 4 MiB)")
     parser.add_argument("--json", action="store_true",
-                        help="print one JSON object: raw_gbps, llmwire_gbps, ratio, ...")
+                        help="print one JSON object: raw_gbps, llmwire_gbps, ratio, "
+                             "sender CPU per GiB, ...")
 
 
 # --- raw ---------------------------------------------------------------------------
@@ -70,17 +74,22 @@ def _raw_receiver(conn: Any, nbytes: int, chunk: int) -> None:
     srv.close()
 
 
+def _cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def _raw_sender(conn: Any, port: int, nbytes: int, chunk: int) -> None:
     s = socket.create_connection(("127.0.0.1", port))
     data = memoryview(os.urandom(chunk))
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu()
     left = nbytes
     while left:
         n = min(left, chunk)
         s.sendall(data[:n])
         left -= n
     assert s.recv(1) == b"k"
-    conn.send(time.perf_counter() - t0)
+    conn.send((time.perf_counter() - t0, _cpu() - cpu0))
     s.close()
 
 
@@ -116,11 +125,11 @@ def _wire_receiver(conn: Any, nbytes: int, chunk: int) -> None:
 def _wire_sender(conn: Any, port: int, nbytes: int, chunk: int) -> None:
     import llmwire
 
-    async def main() -> float:
+    async def main() -> tuple[float, float]:
         t = await llmwire.connect("127.0.0.1", port, secret=b"bench")
         data = memoryview(os.urandom(chunk))
         stream = await t.open_stream({"bench": "wire", "bytes": nbytes})
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), _cpu()
         left = nbytes
         while left:
             n = min(left, chunk)
@@ -128,9 +137,9 @@ def _wire_sender(conn: Any, port: int, nbytes: int, chunk: int) -> None:
             left -= n
         await stream.end()
         await t.receive_message()
-        elapsed = time.perf_counter() - t0
+        measured = time.perf_counter() - t0, _cpu() - cpu0
         await t.close()
-        return elapsed
+        return measured
 
     conn.send(llmwire.run(main()))
 
@@ -138,6 +147,14 @@ def _wire_sender(conn: Any, port: int, nbytes: int, chunk: int) -> None:
 # --- driver ------------------------------------------------------------------------
 
 def _one_run(ctx: Any, receiver: Any, sender: Any, nbytes: int, chunk: int) -> float:
+    """Seconds one transfer took, by the sender's clock."""
+    return _measured_run(ctx, receiver, sender, nbytes, chunk)[0]
+
+
+def _measured_run(ctx: Any, receiver: Any, sender: Any, nbytes: int,
+                  chunk: int) -> tuple[float, float | None]:
+    """(seconds, sender CPU seconds or None) of one transfer: a sender
+    reports seconds, or (seconds, CPU seconds)."""
     rparent, rchild = ctx.Pipe()
     sparent, schild = ctx.Pipe()
     rp = ctx.Process(target=receiver, args=(rchild, nbytes, chunk))
@@ -151,12 +168,14 @@ def _one_run(ctx: Any, receiver: Any, sender: Any, nbytes: int, chunk: int) -> f
         try:
             if not sparent.poll(600):
                 raise RuntimeError("sender did not finish")
-            elapsed = float(sparent.recv())
+            got = sparent.recv()
         finally:
             reap([sp], 30)
     finally:
         reap([rp], 30)
-    return elapsed
+    if isinstance(got, tuple):
+        return float(got[0]), float(got[1])
+    return float(got), None
 
 
 def measure(nbytes: int, runs: int, chunk: int) -> dict[str, Any]:
@@ -164,10 +183,16 @@ def measure(nbytes: int, runs: int, chunk: int) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     raw: list[float] = []
     wire: list[float] = []
+    raw_cpu: list[float] = []
+    wire_cpu: list[float] = []
     for _ in range(runs):
-        raw.append(nbytes / _one_run(ctx, _raw_receiver, _raw_sender, nbytes, chunk) / 1e9)
-        wire.append(nbytes / _one_run(ctx, _wire_receiver, _wire_sender, nbytes, chunk) / 1e9)
+        for kind, rates, cpus in (((_raw_receiver, _raw_sender), raw, raw_cpu),
+                                  ((_wire_receiver, _wire_sender), wire, wire_cpu)):
+            seconds, cpu = _measured_run(ctx, *kind, nbytes, chunk)
+            rates.append(nbytes / seconds / 1e9)
+            cpus.append((cpu or 0.0) * GIB / nbytes)
     raw_gbps, wire_gbps = statistics.median(raw), statistics.median(wire)
+    raw_cpu_gib, wire_cpu_gib = statistics.median(raw_cpu), statistics.median(wire_cpu)
     import importlib.util
 
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
@@ -180,6 +205,10 @@ def measure(nbytes: int, runs: int, chunk: int) -> dict[str, Any]:
         "paired_ratio_median": round(statistics.median(w / r for w, r in zip(wire, raw)), 3),
         "raw_runs_gbps": [round(x, 3) for x in raw],
         "llmwire_runs_gbps": [round(x, 3) for x in wire],
+        # sender user + system CPU seconds per GiB sent (medians)
+        "raw_sender_cpu_s_per_gib": round(raw_cpu_gib, 4),
+        "llmwire_sender_cpu_s_per_gib": round(wire_cpu_gib, 4),
+        "sender_cpu_s_per_gib_over_raw": round(wire_cpu_gib - raw_cpu_gib, 4),
     }
 
 
@@ -199,6 +228,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {'llmwire':<10} {r['llmwire_gbps']:>7.3f}   {r['llmwire_runs_gbps']}")
     print(f"  ratio llmwire/raw: {r['ratio']:.3f} (median of paired runs: "
           f"{r['paired_ratio_median']:.3f})")
+    print(f"  sender CPU (user+system) per GiB: raw {r['raw_sender_cpu_s_per_gib']:.3f} s, "
+          f"llmwire {r['llmwire_sender_cpu_s_per_gib']:.3f} s "
+          f"(+{r['sender_cpu_s_per_gib_over_raw']:.3f} s)")
     return 0
 
 

@@ -1,0 +1,183 @@
+"""Receive-window auto-tuning in the sans-I/O connection, over a simulated
+path (a clock, a rate and a one-way delay each way; no sockets, no time)."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from llmwire import events as E
+from llmwire._window import PING_TAG, WindowTuner
+from llmwire.errors import LocalProtocolError
+from llmwire.protocol import Connection, Role, Settings
+
+KiB, MiB = 1 << 10, 1 << 20
+
+
+def settings(**kw) -> Settings:
+    base = dict(max_frame_payload=16 * KiB, stream_window=64 * KiB,
+                connection_window=128 * KiB, max_window=4 * MiB,
+                keepalive_interval=None, idle_timeout=None)
+    return Settings(**{**base, **kw})
+
+
+class Path:
+    """A sender and a receiver joined by a store-and-forward link of ``rate``
+    bytes/s and ``delay`` s each way; the receiver's consumer takes at most
+    ``consume`` bytes/s (None: all it has)."""
+
+    def __init__(self, receiver: Settings, rate: float, delay: float,
+                 consume: float | None = None, dt: float = 0.0005) -> None:
+        self.a = Connection(Role.CLIENT, b"s", settings=settings(), nonce=b"A" * 32)
+        self.b = Connection(Role.SERVER, b"s", settings=receiver, nonce=b"B" * 32)
+        self.rate, self.delay, self.consume, self.dt = rate, delay, consume, dt
+        self.now = 0.0
+        self._queues = {id(self.a): collections.deque(), id(self.b): collections.deque()}
+        self._free = {id(self.a): 0.0, id(self.b): 0.0}
+        self.held = 0            # received, not yet consumed
+        self.peak_held = 0
+        self.delivered: list[tuple[float, int]] = []  # (time, bytes consumed)
+        self._budget = 0.0
+        self.sid = None
+        while self.sid is None and self.now < 1.0:
+            self.tick()
+            if self.a.state.value == "OPEN" and self.b.state.value == "OPEN":
+                self.sid = self.a.open_stream({})
+        assert self.sid is not None
+
+    def _carry(self) -> None:
+        for src, dst in ((self.a, self.b), (self.b, self.a)):
+            q = self._queues[id(src)]
+            for buf in src.data_to_send():
+                start = max(self.now, self._free[id(src)])
+                self._free[id(src)] = start + len(buf) / self.rate
+                q.append((self._free[id(src)] + self.delay, bytes(buf)))
+            while q and q[0][0] <= self.now:
+                dst.receive_data(q.popleft()[1], self.now)
+
+    def tick(self) -> None:
+        self.now += self.dt
+        self._carry()
+        if self.sid is not None:
+            chunk = b"\0" * self.a.max_send_frame
+            while (n := min(self.a.send_credit(self.sid), len(chunk))) > 0:
+                self.a.send_data(self.sid, chunk[:n])
+        for ev in self.b.events_received():
+            if isinstance(ev, E.DataReceived):
+                self.held += len(ev.data)
+        self.peak_held = max(self.peak_held, self.held)
+        take = self.held
+        if self.consume is not None:
+            self._budget = min(self._budget + self.consume * self.dt, self.consume * 2 * self.dt)
+            take = min(take, int(self._budget))
+            self._budget -= take
+        if take:
+            self.held -= take
+            self.b.consumed(self.sid, take)
+            self.delivered.append((self.now, take))
+        self._carry()
+
+    def run(self, seconds: float) -> None:
+        end = self.now + seconds
+        while self.now < end:
+            self.tick()
+
+    def throughput(self, since: float) -> float:
+        got = sum(n for t, n in self.delivered if t >= since)
+        return got / (self.now - since)
+
+    def windows(self) -> tuple[int, int]:
+        w = self.b.receive_windows
+        return w.get(self.sid, 0), w[0]
+
+
+RATE, DELAY = 50e6, 0.010          # 50 MB/s, 20 ms RTT: BDP 1 MB
+
+
+def test_window_grows_to_the_bandwidth_delay_product_and_fills_the_link():
+    p = Path(settings(), RATE, DELAY)
+    p.run(0.6)
+    stream_w, conn_w = p.windows()
+    bdp = RATE * 2 * DELAY
+    assert bdp <= stream_w <= 4 * MiB and bdp <= conn_w <= 4 * MiB
+    assert p.throughput(p.now - 0.2) >= 0.9 * RATE
+    # memory: never more received-and-unconsumed than the connection window
+    assert p.peak_held <= conn_w
+
+
+def test_without_autotune_the_window_caps_throughput():
+    p = Path(settings(window_autotune=False), RATE, DELAY)
+    p.run(0.4)
+    assert p.windows() == (64 * KiB, 128 * KiB)
+    assert p.throughput(p.now - 0.2) <= 64 * KiB / (2 * DELAY) * 1.05
+
+
+def test_window_stops_at_its_ceiling():
+    ceiling = 256 * KiB
+    p = Path(settings(max_window=ceiling), RATE, DELAY)
+    p.run(0.4)
+    assert p.windows() == (ceiling, ceiling)
+    assert p.throughput(p.now - 0.2) <= ceiling / (2 * DELAY) * 1.05
+
+
+def test_a_slow_consumer_gets_no_more_window_than_it_consumes():
+    consume = RATE / 10
+    p = Path(settings(), RATE, DELAY, consume=consume)
+    p.run(0.6)
+    stream_w, conn_w = p.windows()
+    # below 3.2 x what it takes per round trip (plus a frame), or the start
+    bound = max(128 * KiB, 3.2 * consume * 2 * DELAY + 16 * KiB)
+    assert stream_w <= bound and conn_w <= bound
+    assert p.peak_held <= conn_w
+    assert p.throughput(0.1) <= consume * 1.05
+
+
+def test_tuner_pings_are_not_events():
+    p = Path(settings(), RATE, DELAY)
+    seen = []
+    for _ in range(200):
+        p.tick()
+        seen += [ev for ev in p.a.events_received() + p.b.events_received()
+                 if isinstance(ev, E.PingAcknowledged)]
+    assert p.b._tuner.rtt_min is not None and p.b._tuner.rtt_min >= 2 * DELAY
+    assert not seen
+
+
+def test_tuner_rule():
+    t = WindowTuner(ceiling=1000)
+    ping = t.start(1.0)
+    assert ping.startswith(PING_TAG) and len(ping) == 8
+    t.on_consumed(300)
+    factor = t.finish(1.5)
+    assert factor == 1.0 and t.rtt_min == 0.5
+    assert t.grown(400, 300, factor) == 800       # window-limited (>= 5/8): doubled
+    assert t.grown(500, 300, factor) == 600       # 300 < 5/8 of 500: 2 x sample
+    assert t.grown(700, 300, factor) == 700       # 2 x sample < window: unchanged
+    assert t.grown(400, 900, factor) == 1000      # the ceiling
+    t.rest(True, 200)
+    assert t.wants_sample()                       # growing: sample again at once
+    t.start(2.0)
+    assert t.finish(2.25) == 1.0 and t.rtt_min == 0.25
+    t.start(3.0)
+    assert t.finish(3.5) == 0.5 and t.rtt_min == 0.25   # queueing: half the rate
+    t.rest(False, 200)
+    assert not t.wants_sample()                   # settled: quiet for a window
+    t.on_consumed(200)
+    assert t.wants_sample()
+
+
+def test_max_window_is_checked():
+    with pytest.raises(LocalProtocolError, match="max_window"):
+        Settings(max_window=10)
+
+
+def test_a_short_path_keeps_its_windows_despite_queueing():
+    """BDP (20 KB) below the window: data queued ahead of the tuner's PINGs
+    makes them slow, but the handshake's round trip says the path is short,
+    so nothing grows (as on loopback)."""
+    p = Path(settings(), RATE, 0.0002, dt=0.0001)
+    p.run(0.1)
+    assert p.b._tuner.rtt_min < 0.001
+    assert p.windows() == (64 * KiB, 128 * KiB)
+    assert p.throughput(0.05) >= 0.9 * RATE
