@@ -240,7 +240,8 @@ def test_the_downlink_is_a_delta_against_what_the_sites_hold(tmp_path):
             diff = {k: torch.zeros_like(v, dtype=torch.float32) if v.is_floating_point()
                     else v for k, v in got.items()}
             result = _run_filter(encode, DXO(DataKind.WEIGHT_DIFF, diff), _site_ctx(site))
-            assert result.meta["llmwire"]["holds"] == sent[site].meta["llmwire"]["reference"]
+            said, sent_meta = result.meta["llmwire"]["holds"], sent[site].meta["llmwire"]
+            assert said == {**sent_meta["reference"], "run": sent_meta["run"]}
             _run_filter(server_d, result, _server_ctx(site, round_))
         # the true global moves on by a small step, as FedAvg's would
         global_ = {"w": global_["w"] + 0.01 * torch.randn(300, 257),
@@ -259,3 +260,48 @@ def test_the_downlink_is_a_delta_against_what_the_sites_hold(tmp_path):
     with pytest.raises(Diverged, match="needs whole weights"):
         _run_filter(DequantizeFilter(cache_dir=str(tmp_path / "empty")), update,
                     _site_ctx("site-1"))
+
+
+def test_a_global_whose_tensors_change_dtype_goes_whole_and_integer_diffs_are_differences(
+        tmp_path):
+    """NVFlare's FedAvg turns an integer buffer (BatchNorm's
+    num_batches_tracked) into float32 after round 1: the downlink starts
+    over, whole, instead of failing the task; and a site's as_diff result
+    carries an integer tensor's change, since FedAvg adds a WEIGHT_DIFF."""
+    torch.manual_seed(1)
+    first = {"w": torch.randn(64, 64), "bn.num_batches_tracked": torch.tensor(3)}
+    server_q = QuantizeFilter(weights="bf16", down="nf4", min_elements=1)
+    restore = DequantizeFilter(keep_base=True, cache_dir=str(tmp_path))
+    encode = QuantizeFilter(diffs="nf4", as_diff=True, min_elements=1)
+    sent = _run_filter(server_q, DXO(DataKind.WEIGHTS, first), _server_ctx("site-1", 0), 0)
+    got = _run_filter(restore, sent, _site_ctx("site-1")).data
+    local = {"w": got["w"] + 0.01, "bn.num_batches_tracked": got["bn.num_batches_tracked"] + 5}
+    up = _run_filter(encode, DXO(DataKind.WEIGHTS, local), _site_ctx("site-1"))
+    diff = _run_filter(DequantizeFilter(), up, _server_ctx("site-1", 0))
+    assert int(diff.data["bn.num_batches_tracked"]) == 5  # the change, not the value 8
+    assert float((diff.data["w"] - 0.01).abs().max()) < 1e-6
+    second = {"w": first["w"] + 0.01, "bn.num_batches_tracked": torch.tensor(8.0)}
+    sent = _run_filter(server_q, DXO(DataKind.WEIGHTS, second), _server_ctx("site-1", 1), 1)
+    assert sent.meta["llmwire"]["downlink"] == "whole"
+    got = _run_filter(restore, sent, _site_ctx("site-1")).data
+    assert got["bn.num_batches_tracked"].dtype == torch.float32
+    assert float(got["bn.num_batches_tracked"]) == 8.0
+
+
+def test_names_must_be_lists_and_formats_known_when_the_job_is_built():
+    from llmwire.integrations.nvflare import OutOfBandFedAvg
+
+    class Job:
+        def to_server(self, *a, **kw):
+            raise AssertionError("nothing is wired")
+
+        to = to_server
+
+    with pytest.raises(ValueError, match="letter by letter"):
+        add_filters(Job(), ["site-1"], tasks="train")
+    with pytest.raises(ValueError, match="letter by letter"):
+        add_filters(Job(), "site-1", tasks=["train"])
+    with pytest.raises(llmwire.QuantizationError):
+        OutOfBandFedAvg(down="bogus")
+    with pytest.raises(llmwire.QuantizationError):
+        OutOfBandFedAvg(up="nf5")

@@ -63,8 +63,9 @@ _KINDS = [DataKind.WEIGHTS, DataKind.WEIGHT_DIFF]
 # the in and out filters of one site run in one process, as separate objects
 _BASES: dict[str, dict[str, Any]] = {}
 _BASES_LOCK = threading.Lock()
-# the reference each site said it holds (its last result), by (job, site), for
-# the server's QuantizeFilter(down=...): its in and out filters are two objects
+# the reference each site said it holds (its last result), by (the downlink's
+# run token, site), for the server's QuantizeFilter(down=...): its in and out
+# filters are two objects (and job ids repeat: the simulator's is always the same)
 _HOLDS: dict[tuple[str, str], Reference] = {}
 
 
@@ -80,9 +81,12 @@ def _peer(fl_ctx: FLContext) -> str | None:
     return peer.get_identity_name() if peer is not None else None
 
 
-def _run(fl_ctx: FLContext) -> str:
-    """The job's id as a run name (letters and digits)."""
-    return "".join(c for c in str(fl_ctx.get_job_id() or "job") if c.isalnum()) or "job"
+def _holds(base: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """What a site's result says it holds: the reference and run of the
+    global it restored last (None: nothing the server's downlink sent)."""
+    if not base or "reference" not in base:
+        return None
+    return {**base["reference"].to_wire(), "run": base["run"]}
 
 
 def _encoded(data: Mapping[str, Any]) -> bool:
@@ -145,11 +149,11 @@ class QuantizeFilter(DXOFilter):
                     self._downlink = _Downlink(self)
                 key = (shareable.get_header("current_round"), id(data))
                 site = _peer(fl_ctx)
-                out = self._downlink.dxo(dxo, key, _run(fl_ctx), site)
+                out = self._downlink.dxo(dxo, key, site)
             self.log_info(fl_ctx, f"llmwire downlink to {site}: {out.meta[META]['downlink']}, "
                                   f"{sum(v.nbytes for v in out.data.values())} bytes")
             return _copy(out)
-        holds = _BASES.get(fl_ctx.get_identity_name(), {}).get("reference")
+        holds = _holds(_BASES.get(fl_ctx.get_identity_name()))
         with self._lock:
             last = self._last
             if last is not None and last[0] is data and last[1] == kind:
@@ -177,11 +181,35 @@ class QuantizeFilter(DXOFilter):
                     raise Diverged("the site's cached global changed since it was restored")
                 packed = _encoding.encode_delta(local, held, self.diffs,
                                                 min_elements=self.min_elements)
+                _integer_diffs(packed, local, lambda name: held[name].load("numpy"))
         else:
-            packed = _encoding.encode_update(local, base["record"], self.diffs,
+            record = base["record"]
+            packed = _encoding.encode_update(local, record, self.diffs,
                                              min_elements=self.min_elements)
+            _integer_diffs(packed, local,
+                           lambda name: _restore(name, record[name], "numpy"))
         return DXO(DataKind.WEIGHT_DIFF, _blobs(packed),
-                   _meta(dxo.meta, data, update=True, holds=base.get("reference")))
+                   _meta(dxo.meta, data, update=True, holds=_holds(base)))
+
+
+def _integer_diffs(packed: dict[str, Any], local: Mapping[str, Any], base: Any) -> None:
+    """An integer tensor that changed travels as its value in an update
+    record; in a ``WEIGHT_DIFF``, which NVFlare's FedAvg *adds* to the
+    global, it must be the difference: ``local - base`` (same dtype)."""
+    for name, entry in packed.items():
+        if entry.stype == _encoding.ZERO_STYPE or DTYPES[entry.dtype].is_float:
+            continue
+        mine = np.asarray(view_tensor(local[name]).array)
+        change = np.asarray(mine - np.asarray(base(name)), dtype=mine.dtype)  # 0-d stays an array
+        packed[name] = _encoding.encode_array(change, "raw", name=name)
+
+
+def _signature(data: Mapping[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    out = {}
+    for name, value in data.items():
+        view = view_tensor(value)
+        out[name] = (view.dtype, tuple(view.shape))
+    return out
 
 
 class _Downlink:
@@ -203,14 +231,14 @@ class _Downlink:
         self.whole: DXO | None = None
         self.round = 0
 
-    def dxo(self, dxo: DXO, key: Any, run: str, site: str | None) -> DXO:
+    def dxo(self, dxo: DXO, key: Any, site: str | None) -> DXO:
         if key[0] is None:  # no round number: the data object itself names the round,
             self.held = dxo.data  # kept alive so that its id names no other
             key = ("object", id(dxo.data))
         if key != self.key:
             self._next(dxo)
             self.key = key
-        holds = _HOLDS.get((run, site)) if site is not None else None
+        holds = _HOLDS.get((self.run, site)) if site is not None else None
         if self.update is not None and holds is not None and holds == self.base:
             return self.update
         if self.whole is None:  # a site that holds something else: the mirror, raw
@@ -222,7 +250,9 @@ class _Downlink:
     def _next(self, dxo: DXO) -> None:
         owner, data = self.owner, dxo.data
         self.round += 1
-        if self.mirror is None or set(self.mirror) != set(data):
+        # anything but the same tensors (names, dtypes, shapes: NVFlare's FedAvg
+        # turns integer buffers into float32 after round 1) starts over, whole
+        if self.mirror is None or _signature(self.mirror) != _signature(data):
             packed = _encoding.encode_state(data, owner.weights, min_elements=owner.min_elements)
             containers = {k: _container(v) for k, v in data.items()}
             self.mirror = {k: _restore(k, e, containers[k]) for k, e in packed.items()}
@@ -258,12 +288,12 @@ def _copy(dxo: DXO) -> DXO:
 
 
 def _meta(meta: Mapping[str, Any] | None, data: Mapping[str, Any], update: bool = False,
-          holds: Reference | None = None) -> dict[str, Any]:
+          holds: dict[str, Any] | None = None) -> dict[str, Any]:
     out = dict(meta or {})
     out[META] = {"layout": LAYOUT, "containers": {k: _container(v) for k, v in data.items()},
                  "update": update}
     if holds is not None:  # what this site holds: the server's next downlink is a delta
-        out[META]["holds"] = holds.to_wire()
+        out[META]["holds"] = holds
     return out
 
 
@@ -303,8 +333,9 @@ class DequantizeFilter(DXOFilter):
             containers = {}
         record = {name: _encoding.from_blob(value, name) for name, value in data.items()}
         holds = Reference.from_wire(info.get("holds"))
-        if holds is not None and _peer(fl_ctx) is not None:  # the server, a site's result
-            _HOLDS[(_run(fl_ctx), str(_peer(fl_ctx)))] = holds
+        run = info["holds"].get("run") if holds is not None else None
+        if holds is not None and isinstance(run, str) and _peer(fl_ctx) is not None:
+            _HOLDS[(run, str(_peer(fl_ctx)))] = holds  # the server, a site's result
         reference = Reference.from_wire(info.get("reference"))
         if reference is not None and dxo.data_kind == DataKind.WEIGHTS:
             out = self._global(record, info, reference, containers, fl_ctx)
@@ -330,6 +361,8 @@ class DequantizeFilter(DXOFilter):
                    for name, entry in record.items()}
             held = cache.load_into(out)
             if held is None or held != base:
+                with _BASES_LOCK:  # its next result says it holds nothing: then whole
+                    _BASES.pop(site, None)
                 raise Diverged(f"{site} holds {held or 'no global'}, the server's delta is "
                                f"against {base}: this round needs whole weights (a site "
                                f"restarted, or its cache is gone)")
@@ -338,10 +371,13 @@ class DequantizeFilter(DXOFilter):
             out = {name: _restore(name, entry, containers.get(name, "numpy"))
                    for name, entry in record.items()}
         if state_digest(out) != reference.digest:
+            with _BASES_LOCK:
+                _BASES.pop(site, None)
             raise Diverged(f"{site}: the restored global is not the server's {reference}")
         cache.store(out, reference)
         with _BASES_LOCK:
-            _BASES[site] = {"names": list(record), "cache": cache, "reference": reference}
+            _BASES[site] = {"names": list(record), "cache": cache, "reference": reference,
+                            "run": run}
         return out
 
 
@@ -391,6 +427,9 @@ def add_filters(job: Any, sites: Iterable[str], *, tasks: Iterable[str] = ("trai
     received)."""
     from nvflare.job_config.defs import FilterType
 
+    if isinstance(tasks, str) or isinstance(sites, str):
+        raise ValueError("tasks and sites are lists of names (a plain string would be taken "
+                         "letter by letter: filters that never run)")
     tasks = list(tasks)
     if not tasks or any(not isinstance(t, str) or not t or "*" in t for t in tasks):
         raise ValueError(f"name the tasks explicitly (NVFlare never runs filters registered "

@@ -20,9 +20,11 @@ import os
 import time
 from typing import Any, Mapping
 
+import numpy as np
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.workflows.base_fedavg import BaseFedAvg
 
+from .._encoding import encode_array
 from .._link import LinkClient, LinkError, LinkServer
 from .filters import default_cache_dir
 from ...errors import LlmwireError
@@ -67,9 +69,10 @@ class OutOfBandFedAvg(BaseFedAvg):
                  keyfile: str | None = None) -> None:
         super().__init__(num_clients=num_clients, num_rounds=num_rounds,
                          start_round=start_round, persistor_id=persistor_id)
-        for fmt in (down, up):
+        for fmt in (down, up):  # a bad name fails here, not after a round of training
             if not isinstance(fmt, str):
                 raise ValueError(f"a format is a name (e.g. 'nf4'), got {fmt!r}")
+            encode_array(np.zeros(1, np.float32), fmt)
         self.task_name, self.down, self.up = task_name, down, up
         self.host, self.port, self.advertise = host, port, advertise
         self.gather_timeout, self.upload_timeout = gather_timeout, upload_timeout
