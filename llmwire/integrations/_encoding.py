@@ -296,10 +296,7 @@ def encode_delta(local: Mapping[str, Any], base: Mapping[str, Any], fmt: str = "
                  nested: bool = False) -> dict[str, Packed]:
     """:func:`encode_update` against a base held as tensors (a state dict,
     or a lazily read checkpoint: read slice by slice) instead of a record."""
-    if set(local) != set(base):
-        raise TargetMismatch(f"the base does not hold the state's tensors exactly "
-                             f"(unknown {sorted(set(base) - set(local))[:5]}, missing "
-                             f"{sorted(set(local) - set(base))[:5]})")
+    _check_names(base, local)
     record: dict[str, Packed] = {}
     for name, tensor in base.items():
         held, view = view_tensor(tensor), view_tensor(local[name])

@@ -34,7 +34,7 @@ import hmac
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Self
 
 from ..errors import LlmwireError, PayloadError, TargetMismatch
 from ..rounds import Aggregator, Reference, broadcast_planned, broadcast_update
@@ -476,7 +476,7 @@ class LinkClient:
         self._loop = LoopThread("llmwire-link-client")
         self._transport: Any = None
 
-    def __enter__(self) -> "LinkClient":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -491,7 +491,7 @@ class LinkClient:
             self.cache.store(self.state, self.reference)
         # held open until push(): the update is computed against this very file
         base = self.cache.open()
-        if self.cache._reference_of(base) != self.reference:
+        if self.cache.reference_of(base) != self.reference:
             base.close()
             raise LinkError("the cached global changed under this client (another "
                             "process of this node and run?)")

@@ -56,11 +56,12 @@ class GlobalCache:
         run, unreadable)."""
         try:
             with open_checkpoint(self.path, "safetensors") as ckpt:
-                return self._reference_of(ckpt)
+                return self.reference_of(ckpt)
         except (OSError, CheckpointError):
             return None
 
-    def _reference_of(self, ckpt: Checkpoint) -> Reference | None:
+    def reference_of(self, ckpt: Checkpoint) -> Reference | None:
+        """The reference an opened cache file names for this run (None: none)."""
         meta = ckpt.metadata
         if meta.get("llmwire-run") != self.run:
             return None
@@ -79,7 +80,7 @@ class GlobalCache:
         except (OSError, CheckpointError):
             return None
         with ckpt:
-            ref = self._reference_of(ckpt)
+            ref = self.reference_of(ckpt)
             if ref is None or set(ckpt) != set(state):
                 return None
             views = {}

@@ -1,12 +1,13 @@
 """The model and the "training" that every mode of the engine benches (Flower,
 NVFlare) shares: a synthetic Llama-shaped model and a deterministic change
 per client, round and tensor, so that every mode's final global can be
-compared with the stock engine's."""
+compared with the stock engine's; and the idle RSS each app process notes."""
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import xxhash
@@ -26,6 +27,30 @@ def note_idle(out_dir: str, role: str) -> None:
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, f"{role}-{os.getpid()}"), "w") as f:
         f.write(str(rss))
+
+
+def read_idle(out_dir: str, remove: bool = False) -> dict[int, int]:
+    """What :func:`note_idle` recorded under ``out_dir``: idle RSS by pid."""
+    idle = {}
+    path = os.path.join(out_dir, "idle")
+    for name in os.listdir(path) if os.path.isdir(path) else []:
+        if "-" not in name:
+            continue
+        with open(os.path.join(path, name)) as f:
+            idle[int(name.rsplit("-", 1)[1])] = int(f.read())
+        if remove:
+            os.unlink(os.path.join(path, name))
+    return idle
+
+
+def model_bytes(params: int) -> int:
+    """Bytes of the synthetic model in fp32."""
+    return sum(4 * math.prod(shape) for shape in llama_shapes(params).values())
+
+
+def max_abs_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:
+    """The largest difference between two state dicts, tensor by tensor."""
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
 def initial_model(params: int) -> dict[str, Any]:

@@ -6,12 +6,16 @@ deployments (Flower, NVFlare), whose processes start processes."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import threading
-from typing import Callable
+import time
+from typing import Callable, Iterable
 
 from ._rss import rss_bytes
 
-__all__ = ["TreeSampler", "descendants", "started_at", "signal_if_same", "argv_of"]
+__all__ = ["TreeSampler", "descendants", "started_at", "signal_if_same", "argv_of",
+           "stop_tree"]
 
 
 def _stat_field(pid: int | str, index: int) -> int | None:
@@ -65,6 +69,38 @@ def signal_if_same(pid: int, started: int | None, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+def stop_tree(processes: Iterable[subprocess.Popen[bytes]], grace: float = 10.0) -> None:
+    """Stop processes started in sessions of their own, and everything below
+    them: SIGTERM to each one's group and to every descendant, up to
+    ``grace`` seconds for them to go, then SIGKILL to the groups (children
+    a tool left) and to each descendant still the process seen then."""
+    processes = list(processes)
+    below = {pid: started_at(pid) for pid in
+             descendants([p.pid for p in processes if p.poll() is None])}
+    for pid, started in below.items():
+        signal_if_same(pid, started, signal.SIGTERM)
+    for process in processes:
+        if process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and (
+            any(p.poll() is None for p in processes)
+            or any(started_at(pid) == started for pid, started in below.items())):
+        time.sleep(0.1)
+    for process in processes:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if process.poll() is None:
+            process.wait(10)
+    for pid, started in below.items():
+        signal_if_same(pid, started, signal.SIGKILL)
 
 
 def _rss(pid: int) -> int:

@@ -32,7 +32,6 @@ import json
 import os
 import pathlib
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -40,9 +39,10 @@ import tempfile
 import time
 from typing import Any
 
-from ._tree import TreeSampler, argv_of, descendants, signal_if_same, started_at
 from ._engine import add_engine_arguments, engine_modes
+from ._fl_task import max_abs_diff, model_bytes, read_idle
 from ._timing import format_table
+from ._tree import TreeSampler, argv_of, stop_tree
 
 __all__ = ["add_arguments", "run", "measure", "MODES", "Deployment"]
 
@@ -203,31 +203,7 @@ class Deployment:
     def stop(self) -> None:
         """SIGTERM every process started and every process below them (the
         SuperExecs run in sessions of their own), then SIGKILL what is left."""
-        below = {pid: started_at(pid) for pid in
-                 descendants([p.pid for p in self.processes if p.poll() is None])}
-        for pid in below:
-            signal_if_same(pid, below[pid], signal.SIGTERM)
-        for process in self.processes:
-            if process.poll() is None:
-                try:
-                    os.killpg(process.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 10
-        for process in self.processes:
-            try:
-                process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for process in self.processes:
-            try:
-                os.killpg(process.pid, signal.SIGKILL)  # the group: children the tool left
-            except (ProcessLookupError, PermissionError):
-                pass
-            if process.poll() is None:
-                process.wait(10)
-        for pid, started in below.items():  # only if it is still the process we saw
-            signal_if_same(pid, started, signal.SIGKILL)
+        stop_tree(self.processes, grace=10.0)
         self.processes.clear()
 
 
@@ -280,10 +256,7 @@ def _one_mode(mode: str, params: int, clients: int, rounds: int, port: int, time
         raise RuntimeError(f"{mode}: the Flower run ended {outcome['status']}: "
                            f"{_last_error(outcome['log'])}")
     report = json.loads((out / f"{mode}.json").read_text())
-    idle = {}
-    for note in (out / "idle").glob("*-*"):
-        idle[int(note.name.rsplit("-", 1)[1])] = int(note.read_text())
-        note.unlink()
+    idle = read_idle(str(out), remove=True)
     row: dict[str, Any] = {"mode": mode, "down": down, "up": up, "params": params,
                            "clients": clients, "rounds": rounds,
                            "seconds": report["seconds"],
@@ -316,29 +289,9 @@ def app_idle_bytes() -> int:
     return int(done.stdout.split()[-1])
 
 
-def _model_bytes(params: int) -> int:
-    from ..synthetic import llama_shapes
-
-    return sum(4 * _numel(shape) for shape in llama_shapes(params).values())
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
-
-
 def _last_error(log: str) -> str:
     lines = [l for l in log.splitlines() if "Error" in l or "error" in l]
     return lines[-1].strip() if lines else log.strip().splitlines()[-1] if log.strip() else ""
-
-
-def _max_abs_diff(a_path: str, b_path: str) -> float:
-    import torch
-
-    a, b = torch.load(a_path), torch.load(b_path)
-    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
 def measure(modes: list[str], params: int, clients: int, rounds: int, port: int = 0,
@@ -353,10 +306,13 @@ def measure(modes: list[str], params: int, clients: int, rounds: int, port: int 
             rows.append(_one_mode(mode, params, clients, rounds, port, timeout,
                                   pathlib.Path(tmp), client_idle))
         stock = next((r for r in rows if r["mode"] == "stock"), None)
-        model_mib = _model_bytes(params) / MIB
+        model_mib = model_bytes(params) / MIB
+        import torch
+
+        want = torch.load(stock["final"]) if stock is not None else None  # read once
         for row in rows:
-            row["max_abs_diff_vs_stock"] = (_max_abs_diff(row["final"], stock["final"])
-                                            if stock is not None else None)
+            row["max_abs_diff_vs_stock"] = (max_abs_diff(torch.load(row["final"]), want)
+                                            if want is not None else None)
             row["serverapp_over_idle_x_model"] = \
                 (row["serverapp_peak_mib"] - row["serverapp_idle_mib"]) / model_mib
             row["clientapp_over_idle_x_model"] = \

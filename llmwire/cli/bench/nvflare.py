@@ -34,16 +34,15 @@ import json
 import os
 import pathlib
 import re
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Any
 
 from ._engine import add_engine_arguments, engine_modes
+from ._fl_task import max_abs_diff, model_bytes, read_idle
 from ._timing import format_table
-from ._tree import TreeSampler, argv_of, descendants, signal_if_same, started_at
+from ._tree import TreeSampler, argv_of, stop_tree
 
 __all__ = ["add_arguments", "run", "measure", "MODES"]
 
@@ -69,25 +68,6 @@ def _role(pid: int) -> str:
     if any(a.endswith("simulator.simulator") for a in argv[:3]):
         return "simulator"
     return "other"
-
-
-def _stop_tree(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the job process and everything below it, then SIGKILL what is
-    left (each only while its pid still names the process seen)."""
-    below = {pid: started_at(pid) for pid in descendants([process.pid])}
-    if process.poll() is None:
-        process.terminate()
-    for pid, started in below.items():
-        signal_if_same(pid, started, signal.SIGTERM)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and (
-            process.poll() is None or any(started_at(p) == s for p, s in below.items())):
-        time.sleep(0.1)
-    for pid, started in below.items():
-        signal_if_same(pid, started, signal.SIGKILL)
-    if process.poll() is None:
-        process.kill()
-        process.wait(10)
 
 
 def _server_pid(sampler: TreeSampler) -> int | None:
@@ -163,15 +143,13 @@ def _one_mode(mode: str, params: int, clients: int, rounds: int, ckpt: str, time
             except subprocess.TimeoutExpired:  # a failed row; the other modes still run
                 timed_out = True
     finally:
-        _stop_tree(process)
+        stop_tree([process], grace=15.0)
     log = log_path.read_text(errors="replace")
     result_path = out / "result.json"
     result = json.loads(result_path.read_text()) if result_path.exists() else \
         {"rc": process.returncode, "seconds": None}
     workspace = out / "workspace"
-    idle = {}
-    for note in (out / "idle").glob("*-*"):
-        idle[int(note.name.rsplit("-", 1)[1])] = int(note.read_text())
+    idle = read_idle(str(out))
     server = _server_pid(sampler)
     client_peak, client_idle = sampler.peak("client", idle)
     down, up, results = _wire_bytes(mode, out, workspace)
@@ -197,24 +175,11 @@ def _one_mode(mode: str, params: int, clients: int, rounds: int, ckpt: str, time
     return row
 
 
-def _max_abs_diff(a_path: str, b_path: str) -> float:
+def _final(path: str) -> dict[str, Any]:
+    """The global model file a job's persistor wrote."""
     import torch
 
-    a = torch.load(a_path, weights_only=True)["model"]
-    b = torch.load(b_path, weights_only=True)["model"]
-    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
-
-
-def _model_bytes(params: int) -> int:
-    from ..synthetic import llama_shapes
-
-    total = 0
-    for shape in llama_shapes(params).values():
-        count = 4
-        for dim in shape:
-            count *= dim
-        total += count
-    return total
+    return torch.load(path, weights_only=True)["model"]
 
 
 def measure(modes: list[str], params: int, clients: int, rounds: int,
@@ -235,9 +200,10 @@ def measure(modes: list[str], params: int, clients: int, rounds: int,
                 progress(f"{mode}: a simulator job with {clients} sites, {rounds} rounds ...")
             rows.append(_one_mode(mode, params, clients, rounds, ckpt, timeout, workdir))
         stock = next((r for r in rows if r["mode"] == "stock" and r["ok"]), None)
+        want = _final(stock["final"]) if stock is not None else None  # read once
         for row in rows:
-            row["max_abs_diff_vs_stock"] = (_max_abs_diff(row["final"], stock["final"])
-                                            if stock is not None and row["ok"] else None)
+            row["max_abs_diff_vs_stock"] = (max_abs_diff(_final(row["final"]), want)
+                                            if want is not None and row["ok"] else None)
             if stock is not None and row["ok"]:
                 row["seconds_vs_stock"] = row["seconds"] / stock["seconds"]
                 row["server_peak_vs_stock"] = (row["server_peak_mib"] / stock["server_peak_mib"]
@@ -245,7 +211,7 @@ def measure(modes: list[str], params: int, clients: int, rounds: int,
         for row in rows:
             del row["final"]
     return {"nvflare": nvflare.__version__, "params": params,
-            "model_mib": _model_bytes(params) / MIB, "clients": clients, "rounds": rounds,
+            "model_mib": model_bytes(params) / MIB, "clients": clients, "rounds": rounds,
             "modes": rows}
 
 

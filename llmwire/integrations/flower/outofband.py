@@ -181,9 +181,6 @@ class OutOfBandClient(LinkClient):
                          timeout=timeout, ssl=ssl)
         self.msg, self.meta = msg, self.link
 
-    def __enter__(self) -> "OutOfBandClient":
-        return self
-
     def reply(self, metrics: Mapping[str, Any], metrics_key: str = "metrics") -> Message:
         """The Flower reply: ``metrics`` (with the FedAvg weight key) and what moved."""
         return Message(RecordDict({metrics_key: MetricRecord(dict(metrics)),

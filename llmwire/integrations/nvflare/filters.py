@@ -177,7 +177,7 @@ class QuantizeFilter(DXOFilter):
                                f"or lacks some")
         if "cache" in base:  # the global this site restored, as it keeps it on disk
             with base["cache"].open() as held:
-                if base["cache"]._reference_of(held) != base["reference"]:
+                if base["cache"].reference_of(held) != base["reference"]:
                     raise Diverged("the site's cached global changed since it was restored")
                 packed = _encoding.encode_delta(local, held, self.diffs,
                                                 min_elements=self.min_elements)
@@ -355,25 +355,26 @@ class DequantizeFilter(DXOFilter):
         if not isinstance(run, str) or not run.isalnum():
             raise PayloadError(f"{site}: the global names no run for its cache ({run!r})")
         cache = GlobalCache(self.cache_dir or default_cache_dir(), run, site)
-        if info.get("downlink") == "update":
-            base = Reference.from_wire(info.get("base"))
-            out = {name: _empty(name, entry, containers.get(name, "numpy"))
-                   for name, entry in record.items()}
-            held = cache.load_into(out)
-            if held is None or held != base:
-                with _BASES_LOCK:  # its next result says it holds nothing: then whole
-                    _BASES.pop(site, None)
-                raise Diverged(f"{site} holds {held or 'no global'}, the server's delta is "
-                               f"against {base}: this round needs whole weights (a site "
-                               f"restarted, or its cache is gone)")
-            _encoding.apply_update(record, out)
-        else:
-            out = {name: _restore(name, entry, containers.get(name, "numpy"))
-                   for name, entry in record.items()}
-        if state_digest(out) != reference.digest:
-            with _BASES_LOCK:
+        try:
+            if info.get("downlink") == "update":
+                base = Reference.from_wire(info.get("base"))
+                out = {name: _empty(name, entry, containers.get(name, "numpy"))
+                       for name, entry in record.items()}
+                held = cache.load_into(out)
+                if held is None or held != base:
+                    raise Diverged(f"{site} holds {held or 'no global'}, the server's delta is "
+                                   f"against {base}: this round needs whole weights (a site "
+                                   f"restarted, or its cache is gone)")
+                _encoding.apply_update(record, out)
+            else:
+                out = {name: _restore(name, entry, containers.get(name, "numpy"))
+                       for name, entry in record.items()}
+            if state_digest(out) != reference.digest:
+                raise Diverged(f"{site}: the restored global is not the server's {reference}")
+        except Diverged:
+            with _BASES_LOCK:  # its next result says it holds nothing: then whole
                 _BASES.pop(site, None)
-            raise Diverged(f"{site}: the restored global is not the server's {reference}")
+            raise
         cache.store(out, reference)
         with _BASES_LOCK:
             _BASES[site] = {"names": list(record), "cache": cache, "reference": reference,

@@ -170,9 +170,6 @@ class OutOfBandClient(LinkClient):
                          timeout=timeout, ssl=ssl)
         self.steps: float | None = None
 
-    def __enter__(self) -> "OutOfBandClient":
-        return self
-
     def push(self, weight: float) -> Any:
         self.steps = weight
         return super().push(weight)
