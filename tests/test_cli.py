@@ -97,3 +97,27 @@ def test_module_entry_point_subprocess() -> None:
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"llmwire {llmwire.__version__}")
+
+
+def test_the_cli_and_every_bench_load_without_torch_or_the_engines() -> None:
+    """torch, Flower and NVFlare are optional: the CLI and its benches'
+    options must load without them (each bench says what it needs when run)."""
+    blocker = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'flwr', 'nvflare', 'transformers'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from llmwire.cli import main\n"
+        "for argv in (['--help'], ['bench', '--help'], ['bench', 'nvflare', '--help'],\n"
+        "             ['bench', 'flower', '--help'], ['bench', 'link', '--help'],\n"
+        "             ['bench', 'scale', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as exc:\n"
+        "        assert exc.code == 0, (argv, exc.code)\n"
+        "print('loaded')\n")
+    done = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.endswith("loaded\n"), done.stderr[-2000:]

@@ -9,7 +9,6 @@ import math
 import os
 from typing import Any, Mapping
 
-import torch
 import xxhash
 
 from llmwire.cli.synthetic import llama_shapes, llama_state_dict
@@ -60,6 +59,8 @@ def initial_model(params: int) -> dict[str, Any]:
 
 def empty_model(params: int) -> dict[str, Any]:
     """A client's model before it receives the global."""
+    import torch  # here, not at import: the benches that import this module run without it
+
     return {name: torch.empty(shape) for name, shape in llama_shapes(params).items()}
 
 
@@ -68,6 +69,8 @@ def train(state: dict[str, Any], partition: int, server_round: int) -> int:
     training of round ``server_round`` would (noise drawn a block of rows at
     a time, so that it costs no second copy of a large tensor); returns its
     number of examples (its FedAvg weight)."""
+    import torch
+
     for name, tensor in state.items():
         if tensor.dim() < 2:
             continue  # the norms stay frozen: unchanged tensors cost nothing in llmwire's modes
