@@ -22,7 +22,8 @@ from typing import Any, Callable
 
 from ..checkpoints import Checkpoint, checkpoint_kind, open_checkpoint
 from ..errors import (
-    AuthenticationError, ConnectionClosed, LlmwireError, NonFiniteError, TransferInterrupted,
+    AuthenticationError, CheckpointError, ConnectionClosed, LlmwireError, NonFiniteError,
+    TransferInterrupted,
 )
 from .common import (
     EXIT_AUTH, EXIT_CONNECTION, EXIT_ERROR, SECRET_ENV, CliError, Progress, add_common_arguments,
@@ -168,6 +169,11 @@ def _check_plan(item: _Item, args: argparse.Namespace) -> None:
         raise CliError(f"{item.path}: {exc}", exit_code_for(exc)) from None
 
 
+def _named(path: str, exc: LlmwireError) -> str:
+    """The error's line, naming ``path`` once (a CheckpointError names its file)."""
+    return str(exc) if isinstance(exc, CheckpointError) else f"{path}: {exc}"
+
+
 def _plan_directory(path: str, args: argparse.Namespace) -> _Item:
     """A model directory: its weights opened lazily, its other files listed."""
     from ..payloads.directories import directory_files
@@ -178,7 +184,7 @@ def _plan_directory(path: str, args: argparse.Namespace) -> _Item:
         check_file_name(name)
         checkpoint = open_checkpoint(path, "sharded")
     except LlmwireError as exc:
-        raise CliError(f"{path}: {exc}", exit_code_for(exc)) from None
+        raise CliError(_named(path, exc), exit_code_for(exc)) from None
     item = _Item(path, "directory", checkpoint)
     try:
         index = checkpoint.path if checkpoint.path.endswith(".index.json") else None
@@ -192,7 +198,7 @@ def _plan_directory(path: str, args: argparse.Namespace) -> _Item:
         checkpoint.close()
         if isinstance(exc, CliError):
             raise
-        raise CliError(f"{path}: {exc}", exit_code_for(exc)) from None
+        raise CliError(_named(path, exc), exit_code_for(exc)) from None
     except BaseException:
         checkpoint.close()
         raise
