@@ -40,3 +40,19 @@ def test_every_mode_runs_in_a_real_deployment_and_matches_stock_fedavg():
     assert set(oob[1]["downlink"].values()) == {"update"}
     # every process the deployments started is gone
     assert descendants([os.getpid()]) <= before
+
+
+@pytest.mark.skipif(PURE, reason="run once, in the pass with the C kernels")
+@pytest.mark.parametrize("row, said", [
+    ({"round": 1, "flower_failures": [(7, "RuntimeError: no torch")]}, "node 7: RuntimeError"),
+    ({"round": 2, "rejected": [(8, "not an llmwire update")], "flower_failures": []},
+     "round 2: 1 update(s) lost (rejected), node 8"),
+    ({"round": 1, "failed": [(9, "digest mismatch")]}, "(failed), node 9: digest"),
+    ({"round": 1, "flower_failures": [], "no_reply": [3]}, "no reply from nodes [3]"),
+])
+def test_a_run_that_lost_an_update_is_refused_with_its_reason(row, said):
+    # Flower reports such a run "finished:completed" and returns the initial
+    # (for stock FedAvg: empty) arrays; the bench must not compare them
+    history = [{"round": 0, "purpose": "evaluate", "flower_failures": [(1, "x")]}, row]
+    assert said in bench._lost_updates(history)
+    assert bench._lost_updates([{"round": 1, "flower_failures": [], "no_reply": []}]) == ""

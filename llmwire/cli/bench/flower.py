@@ -256,6 +256,9 @@ def _one_mode(mode: str, params: int, clients: int, rounds: int, port: int, time
         raise RuntimeError(f"{mode}: the Flower run ended {outcome['status']}: "
                            f"{_last_error(outcome['log'])}")
     report = json.loads((out / f"{mode}.json").read_text())
+    lost = _lost_updates(report["history"])
+    if lost:  # Flower "completes" a run in which every client failed
+        raise RuntimeError(f"{mode}: {lost}")
     idle = read_idle(str(out), remove=True)
     row: dict[str, Any] = {"mode": mode, "down": down, "up": up, "params": params,
                            "clients": clients, "rounds": rounds,
@@ -278,6 +281,22 @@ import os, torch, flwr.clientapp, flwr.supernode.cli, llmwire.integrations.flowe
 with open('/proc/self/statm', 'rb') as f:
     print(int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE'))
 """
+
+
+def _lost_updates(history: list[dict[str, Any]]) -> str:
+    """What went wrong in the run's training rounds, or ``""`` if every
+    client's update counted (a figure from fewer clients compares nothing)."""
+    for row in history:
+        if row.get("purpose", "train") != "train":
+            continue
+        for key in ("flower_failures", "rejected", "failed"):
+            if row.get(key):
+                node, reason = row[key][0]
+                return (f"round {row['round']}: {len(row[key])} update(s) lost "
+                        f"({key.replace('_', ' ')}), node {node}: {reason}")
+        if row.get("no_reply"):
+            return f"round {row['round']}: no reply from nodes {row['no_reply']}"
+    return ""
 
 
 def app_idle_bytes() -> int:

@@ -40,7 +40,8 @@ class CountingFedAvg(FedAvg):
         replies = list(replies)
         self.history[-1]["up_bytes"] = sum(
             wire_bytes(r.content["arrays"]) for r in replies if not r.has_error())
-        self.history[-1]["flower_failures"] = sum(r.has_error() for r in replies)
+        self.history[-1]["flower_failures"] = [
+            (r.metadata.src_node_id, r.error.reason) for r in replies if r.has_error()]
         return super().aggregate_train(server_round, replies)
 
 
