@@ -21,10 +21,25 @@ reaches a 100 ms path's BDP in a few round trips). Once the link limits,
 (twice at least, because credit goes back in batches). Windows never shrink
 while a connection lives. A consumer slower than the link is what it
 consumes, so its window stays below 3.2 × what it takes per round trip.
-One sample at
-a time: the next starts at once while windows grow, else only after a whole
-connection window has been consumed (on loopback a few hundred pings a
-second at most).
+
+A window that limits shows before the PING's ACK: what it lets through
+arrives as a burst at the link's rate. So on DATA arrivals from a 16th of
+``rtt_min`` into a sample (then at most every 64th of it), the same rule
+runs on what has been consumed so far, with ``interval`` the time since the
+PING went out, for each window whose consumer has taken at least an eighth
+of it in the sample (a rate from fewer bytes, or a shorter time, is mostly
+how frames happened to be read); if a window grows, the sample ends there
+(its late ACK is still the tuner's, not an event) and the next starts with
+the next DATA. On a 100 ms path this grants a window that covers the BDP
+most of a round trip sooner than the ACK would, before the sender has used
+its first window. The time is that of the DATA that prompts the check (the
+connection's clock is fresh then), so a consumer is measured at its own
+pace. An early estimate that is too high (a backlog read in one go) costs
+at most a window up to ``max_window``, and only while the consumer is slow.
+
+One sample at a time: the next starts at once while windows grow, else
+only after a whole connection window has been consumed (on loopback a few
+hundred pings a second at most).
 """
 
 from __future__ import annotations
@@ -38,16 +53,19 @@ PING_TAG = b"\xffbdp"
 class WindowTuner:
     """The state of the connection's one outstanding RTT/delivery sample."""
 
-    __slots__ = ("ceiling", "ping", "sent_at", "rtt_min", "consumed", "quiet", "_seq")
+    __slots__ = ("ceiling", "ping", "sent_at", "check_at", "rtt_min", "consumed", "quiet",
+                 "_seq", "_acked")
 
     def __init__(self, ceiling: int) -> None:
         self.ceiling = ceiling
         self.ping: bytes | None = None   # the payload of the PING in flight
         self.sent_at = 0.0
+        self.check_at = float("inf")     # when the sample may first be judged early
         self.rtt_min: float | None = None
         self.consumed = 0                # connection bytes consumed since the PING
         self.quiet = 0                   # bytes to consume before the next sample
         self._seq = 0
+        self._acked = 0                  # every PING up to this seq is answered or dropped
 
     def seed_rtt(self, rtt: float) -> None:
         """A round trip measured before any data flowed (the handshake)."""
@@ -62,8 +80,38 @@ class WindowTuner:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         self.ping = PING_TAG + self._seq.to_bytes(4, "big")
         self.sent_at = now
+        self.check_at = now + self.rtt_min / 16 if self.rtt_min else float("inf")
         self.consumed = 0
         return self.ping
+
+    def claim_late(self, payload: bytes) -> bool:
+        """Whether an ACK's payload answers a PING whose sample ended early
+        (it is then the tuner's, not an event). ACKs come in order, so those
+        are the seqs after the last answered one, before the one in flight."""
+        if len(payload) != 8 or payload[:4] != PING_TAG:
+            return False
+        seq = int.from_bytes(payload[4:], "big")
+        if 0 < (self._seq - seq) & 0xFFFFFFFF < (self._seq - self._acked) & 0xFFFFFFFF \
+                or (self.ping is None and seq == self._seq != self._acked):
+            self._acked = seq
+            return True
+        return False
+
+    def early(self, now: float) -> float | None:
+        """Mid-sample at ``now`` (a DATA arrival): the factor for the bytes
+        consumed so far, as :meth:`finish` gives it, from a 16th of
+        ``rtt_min`` into the sample and at most every 64th of it; else None.
+        Judge windows with ``grown(..., early=True)``; if one grew, call
+        :meth:`end_early` and :meth:`rest`."""
+        if self.ping is None or now < self.check_at or not self.rtt_min:
+            return None
+        self.check_at = now + self.rtt_min / 64
+        return self.rtt_min / (now - self.sent_at)
+
+    def end_early(self) -> None:
+        """A window grew on :meth:`early`: the sample ends; its ACK comes late."""
+        self.ping = None
+        self.check_at = float("inf")
 
     def on_consumed(self, nbytes: int) -> None:
         if self.ping is not None:
@@ -78,6 +126,8 @@ class WindowTuner:
         :meth:`rest` next."""
         interval = now - self.sent_at
         self.ping = None
+        self.check_at = float("inf")
+        self._acked = self._seq
         if interval <= 0:
             return None
         self.rtt_min = interval if self.rtt_min is None else min(self.rtt_min, interval)
@@ -89,9 +139,13 @@ class WindowTuner:
         has been consumed (on loopback a few hundred pings a second)."""
         self.quiet = 0 if grew else connection_window
 
-    def grown(self, window: int, consumed: int, factor: float) -> int:
+    def grown(self, window: int, consumed: int, factor: float, early: bool = False) -> int:
         """The new size of a window of ``window`` bytes whose consumer took
-        ``consumed`` bytes during the sample (never smaller than ``window``)."""
+        ``consumed`` bytes during the sample (never smaller than ``window``).
+        Mid-sample (``early``), only once that is an eighth of the window:
+        a rate from fewer bytes is noise (frames read in one go)."""
+        if early and 8 * consumed < window:
+            return window
         bdp = consumed * factor
         want = 2 * bdp
         if 8 * bdp >= 5 * window:

@@ -132,7 +132,7 @@ class Settings:
     """
 
     max_frame_payload: int = 1024 * 1024
-    stream_window: int = 8 * 1024 * 1024
+    stream_window: int = 16 * 1024 * 1024
     connection_window: int = 16 * 1024 * 1024
     max_header_size: int = 64 * 1024
     max_streams: int = 256
@@ -723,31 +723,47 @@ class Connection:
         self.ping(self._tuner.start(self._now))
 
     def _finish_window_sample(self) -> None:
-        """Grow the windows the sample found limiting (credit goes out now)."""
+        """The sample's PING was acknowledged: grow the windows it found
+        limiting (credit goes out now)."""
         tuner = self._tuner
         assert tuner is not None
         consumed = tuner.consumed
         factor = tuner.finish(self._now)
-        if factor is None:
-            tuner.rest(False, self._conn_target)
-            return
+        tuner.rest(factor is not None and self._grow_windows(consumed, factor),
+                   self._conn_target)
+
+    def _judge_window_sample_early(self) -> None:
+        """Mid-sample: grow what already shows as limiting (see _window)."""
+        tuner = self._tuner
+        assert tuner is not None
+        factor = tuner.early(self._now)
+        if factor is not None and self._grow_windows(tuner.consumed, factor, early=True):
+            tuner.end_early()
+            tuner.rest(True, self._conn_target)
+
+    def _grow_windows(self, consumed: int, factor: float, early: bool = False) -> bool:
+        """Grow each window whose consumer took enough of it in a sample
+        (``consumed`` bytes on the connection, ``factor`` from the tuner;
+        ``early``: mid-sample)."""
+        tuner = self._tuner
+        assert tuner is not None
         grew = False
         for st in self._streams.values():
             if st.side is _R and st.state is StreamState.OPEN:
-                new = tuner.grown(st.target, st.sampled, factor)
+                new = tuner.grown(st.target, st.sampled, factor, early)
                 if new > st.target:
                     grew = True
                     st.unacked += new - st.target
                     st.target = new
                     self._grant(st)
-        new = tuner.grown(self._conn_target, consumed, factor)
+        new = tuner.grown(self._conn_target, consumed, factor, early)
         if new > self._conn_target:
             self._conn_unacked += new - self._conn_target
             self._conn_target = new
             self._pool_cap = 2 + new // self.settings.max_frame_payload
             self._grant_connection()
             grew = True
-        tuner.rest(grew, self._conn_target)
+        return grew
 
     @property
     def receive_windows(self) -> dict[int, int]:
@@ -935,6 +951,8 @@ class Connection:
             if h.flags & fr.Flag.ACK:
                 if self._tuner is not None and self._tuner.ping == payload:
                     self._finish_window_sample()
+                elif self._tuner is not None and self._tuner.claim_late(bytes(payload)):
+                    pass  # its sample ended early: windows grew before this ACK
                 else:
                     self._events.append(PingAcknowledged(bytes(payload)))
             else:
@@ -1090,8 +1108,11 @@ class Connection:
         st.window -= n
         st.length += n
         st.progress_at = self._now
-        if self._tuner is not None and self._tuner.wants_sample():
-            self._start_window_sample()
+        if self._tuner is not None:
+            if self._tuner.wants_sample():
+                self._start_window_sample()
+            elif self._now >= self._tuner.check_at:
+                self._judge_window_sample_early()
         st.hasher.update(fr.digest_record(n, checksum))
         if posted is not None:
             assert posted is st and st.posted is not None

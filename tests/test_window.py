@@ -167,6 +167,53 @@ def test_tuner_rule():
     assert t.wants_sample()
 
 
+def test_tuner_judges_a_sample_early_and_owns_its_late_ack():
+    t = WindowTuner(ceiling=1000)
+    t.seed_rtt(0.64)
+    first = t.start(1.0)
+    assert t.early(1.03) is None                  # before a 16th of rtt_min
+    assert t.early(1.04) == pytest.approx(16.0)   # 0.64 / 0.04
+    assert t.early(1.045) is None                 # then every 64th of it
+    assert t.early(1.05) == pytest.approx(12.8)
+    # mid-sample, a window is judged once its consumer took an eighth of it
+    assert t.grown(800, 99, 8.0, early=True) == 800
+    assert t.grown(800, 100, 8.0, early=True) == 1000
+    assert t.grown(800, 40, 8.0) == 800           # (at the ACK: 2 x 320 < 800)
+    t.end_early()
+    assert t.early(2.0) is None and t.wants_sample()
+    second = t.start(1.04)
+    assert t.claim_late(first)                    # the early-ended sample's ACK
+    assert not t.claim_late(first)                # ... once
+    assert not t.claim_late(second)               # the one in flight is finish()'s
+    assert t.finish(1.84) == pytest.approx(0.8)
+    assert not t.claim_late(second)
+    assert not t.claim_late(b"\0" * 8)            # the caller's own PINGs
+    third = t.start(2.0)
+    t.end_early()
+    assert t.claim_late(third)                    # ended early, no sample after it
+    assert WindowTuner(1000).early(5.0) is None   # no sample out
+
+
+def test_a_limiting_window_grows_before_the_first_sample_is_acknowledged():
+    """1 MB BDP, 256 KiB windows: the first burst arrives at the link's
+    rate, so the windows grow well before the sample's PING's ACK returns
+    (a round trip after the first DATA), before the sender ran out."""
+    p = Path(settings(stream_window=256 * KiB, connection_window=256 * KiB), RATE, DELAY,
+             dt=0.0001)
+    first_data = grown = None
+    while grown is None and p.now < 0.5:
+        p.tick()
+        if first_data is None and p.delivered:
+            first_data = p.now
+        if p.windows()[0] > 256 * KiB:
+            grown = p.now
+    assert first_data is not None and grown is not None
+    assert grown - first_data < 2 * DELAY * 0.6
+    p.run(0.3)
+    assert p.throughput(p.now - 0.1) >= 0.9 * RATE
+    assert p.peak_held <= p.windows()[1]
+
+
 def test_max_window_is_checked():
     with pytest.raises(LocalProtocolError, match="max_window"):
         Settings(max_window=10)
