@@ -24,25 +24,30 @@ consumes, so its window stays below 3.2 × what it takes per round trip.
 
 A window that limits shows before the PING's ACK: what it lets through
 arrives as a burst at the link's rate. So on DATA arrivals from a 16th of
-``rtt_min`` into a sample (then at most every 64th of it), the same rule
-runs on what has been consumed so far, with ``interval`` the time since the
-PING went out, for each window whose consumer has taken at least an eighth
-of it in the sample (a rate from fewer bytes, or a shorter time, is mostly
-how frames happened to be read); if a window grows, the sample ends there
-(its late ACK is still the tuner's, not an event) and the next starts with
-the next DATA. On a 100 ms path this grants a window that covers the BDP
-most of a round trip sooner than the ACK would, before the sender has used
-its first window. The time is that of the DATA that prompts the check (the
-connection's clock is fresh then), so a consumer is measured at its own
-pace. An early estimate that is too high (a backlog read in one go) costs
-at most a window up to ``max_window``, and only while the consumer is slow.
+``rtt_min`` into a sample (then at most every 64th of it), a window whose
+consumer has taken at least an eighth of it in the sample is judged on
+what has been consumed so far, with ``interval`` the time since the PING
+went out, by the doubling clause alone: twice itself if ``bdp`` is at
+least 5/8 of it, else unchanged (a ``2 × bdp`` extrapolated from a short
+interval would mostly measure how the consumer happened to read). If a
+window grows, the sample ends there; its ACK, when it comes, is still the
+tuner's (not an event) and still an RTT sample. The next sample starts
+with the next DATA, so while windows grow early several PINGs may be
+unanswered at once (one per doubling). On a 100 ms path this grants a
+window that covers the BDP before the sender has used its first one,
+instead of a round trip later. The time is that of the DATA that prompts
+the check (the connection's clock is fresh then), so a consumer is
+measured at its own pace. A handshake RTT inflated by a busy peer can cost
+a short path one early doubling before the first ACK lowers ``rtt_min``.
 
-One sample at a time: the next starts at once while windows grow, else
-only after a whole connection window has been consumed (on loopback a few
-hundred pings a second at most).
+One sample judged at a time: the next starts at once while windows grow,
+else only after a whole connection window has been consumed (on loopback a
+few hundred pings a second at most).
 """
 
 from __future__ import annotations
+
+import collections
 
 __all__ = ["WindowTuner", "PING_TAG"]
 
@@ -54,7 +59,7 @@ class WindowTuner:
     """The state of the connection's one outstanding RTT/delivery sample."""
 
     __slots__ = ("ceiling", "ping", "sent_at", "check_at", "rtt_min", "consumed", "quiet",
-                 "_seq", "_acked")
+                 "_seq", "_late")
 
     def __init__(self, ceiling: int) -> None:
         self.ceiling = ceiling
@@ -65,7 +70,8 @@ class WindowTuner:
         self.consumed = 0                # connection bytes consumed since the PING
         self.quiet = 0                   # bytes to consume before the next sample
         self._seq = 0
-        self._acked = 0                  # every PING up to this seq is answered or dropped
+        # PINGs whose samples ended early, oldest first: (payload, sent at)
+        self._late: collections.deque[tuple[bytes, float]] = collections.deque()
 
     def seed_rtt(self, rtt: float) -> None:
         """A round trip measured before any data flowed (the handshake)."""
@@ -84,32 +90,39 @@ class WindowTuner:
         self.consumed = 0
         return self.ping
 
-    def claim_late(self, payload: bytes) -> bool:
-        """Whether an ACK's payload answers a PING whose sample ended early
-        (it is then the tuner's, not an event). ACKs come in order, so those
-        are the seqs after the last answered one, before the one in flight."""
-        if len(payload) != 8 or payload[:4] != PING_TAG:
+    def claim_late(self, payload: bytes, now: float) -> bool:
+        """Whether an ACK's payload answers a PING whose sample ended early;
+        it is then the tuner's (not an event) and its round trip counts
+        towards ``rtt_min``. ACKs come in order, so only the oldest such
+        PING can be answered next."""
+        if not self._late or payload != self._late[0][0]:
             return False
-        seq = int.from_bytes(payload[4:], "big")
-        if 0 < (self._seq - seq) & 0xFFFFFFFF < (self._seq - self._acked) & 0xFFFFFFFF \
-                or (self.ping is None and seq == self._seq != self._acked):
-            self._acked = seq
-            return True
-        return False
+        _, sent_at = self._late.popleft()
+        if now > sent_at:
+            self.rtt_min = min(self.rtt_min or now - sent_at, now - sent_at)
+        return True
 
     def early(self, now: float) -> float | None:
         """Mid-sample at ``now`` (a DATA arrival): the factor for the bytes
         consumed so far, as :meth:`finish` gives it, from a 16th of
         ``rtt_min`` into the sample and at most every 64th of it; else None.
-        Judge windows with ``grown(..., early=True)``; if one grew, call
+        Judge windows with ``grown(..., early=True)`` (:meth:`may_grow_early`
+        first: no window below ``smallest`` can grow); if one grew, call
         :meth:`end_early` and :meth:`rest`."""
         if self.ping is None or now < self.check_at or not self.rtt_min:
             return None
         self.check_at = now + self.rtt_min / 64
         return self.rtt_min / (now - self.sent_at)
 
+    def may_grow_early(self, factor: float, smallest: int) -> bool:
+        """Whether, mid-sample, any window of at least ``smallest`` bytes
+        could double (one O(1) test per DATA frame; on loopback never)."""
+        return 8 * self.consumed * factor >= 5 * smallest
+
     def end_early(self) -> None:
         """A window grew on :meth:`early`: the sample ends; its ACK comes late."""
+        assert self.ping is not None
+        self._late.append((self.ping, self.sent_at))
         self.ping = None
         self.check_at = float("inf")
 
@@ -127,7 +140,6 @@ class WindowTuner:
         interval = now - self.sent_at
         self.ping = None
         self.check_at = float("inf")
-        self._acked = self._seq
         if interval <= 0:
             return None
         self.rtt_min = interval if self.rtt_min is None else min(self.rtt_min, interval)
@@ -142,11 +154,14 @@ class WindowTuner:
     def grown(self, window: int, consumed: int, factor: float, early: bool = False) -> int:
         """The new size of a window of ``window`` bytes whose consumer took
         ``consumed`` bytes during the sample (never smaller than ``window``).
-        Mid-sample (``early``), only once that is an eighth of the window:
-        a rate from fewer bytes is noise (frames read in one go)."""
-        if early and 8 * consumed < window:
-            return window
+        Mid-sample (``early``), only once that is an eighth of the window
+        (a rate from fewer bytes is noise: frames read in one go), and only
+        by doubling."""
         bdp = consumed * factor
+        if early:
+            if 8 * consumed < window or 8 * bdp < 5 * window:
+                return window
+            return max(window, min(self.ceiling, 2 * window))
         want = 2 * bdp
         if 8 * bdp >= 5 * window:
             # The consumer took >= 5/8 of the window per round trip: the

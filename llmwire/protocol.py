@@ -133,7 +133,7 @@ class Settings:
 
     max_frame_payload: int = 1024 * 1024
     stream_window: int = 16 * 1024 * 1024
-    connection_window: int = 16 * 1024 * 1024
+    connection_window: int = 32 * 1024 * 1024
     max_header_size: int = 64 * 1024
     max_streams: int = 256
     keepalive_interval: float | None = 10.0
@@ -737,7 +737,10 @@ class Connection:
         tuner = self._tuner
         assert tuner is not None
         factor = tuner.early(self._now)
-        if factor is not None and self._grow_windows(tuner.consumed, factor, early=True):
+        if factor is None or not tuner.may_grow_early(
+                factor, min(self.settings.stream_window, self._conn_target)):
+            return
+        if self._grow_windows(tuner.consumed, factor, early=True):
             tuner.end_early()
             tuner.rest(True, self._conn_target)
 
@@ -951,7 +954,8 @@ class Connection:
             if h.flags & fr.Flag.ACK:
                 if self._tuner is not None and self._tuner.ping == payload:
                     self._finish_window_sample()
-                elif self._tuner is not None and self._tuner.claim_late(bytes(payload)):
+                elif self._tuner is not None and self._tuner.claim_late(bytes(payload),
+                                                                         self._now):
                     pass  # its sample ended early: windows grew before this ACK
                 else:
                     self._events.append(PingAcknowledged(bytes(payload)))

@@ -89,7 +89,10 @@ def test_a_second_sender_of_a_name_in_flight_is_refused(tmp_path: Path, receiver
     (tmp_path / "b").mkdir()
     first = make_blob(tmp_path / "a" / "data.bin", 24 * MiB, seed=1)
     second = make_blob(tmp_path / "b" / "data.bin", 24 * MiB, seed=1 if same else 2)
-    slow = send_in_background(str(first), "--to", receiver.address, "--limit-rate", "16M",
+    # 6 s in flight at 4 MB/s: the second `llmwire send` must start (import
+    # torch and all) while the first is still receiving, also on a loaded CI
+    # machine (at 16 MB/s it sometimes came after the first had landed)
+    slow = send_in_background(str(first), "--to", receiver.address, "--limit-rate", "4M",
                               "--json")
     wait_until(lambda: part_size(receiver.out / "data.bin.part") > 0, "the first .part")
     proc = cli("send", str(second), "--to", receiver.address)

@@ -175,22 +175,30 @@ def test_tuner_judges_a_sample_early_and_owns_its_late_ack():
     assert t.early(1.04) == pytest.approx(16.0)   # 0.64 / 0.04
     assert t.early(1.045) is None                 # then every 64th of it
     assert t.early(1.05) == pytest.approx(12.8)
-    # mid-sample, a window is judged once its consumer took an eighth of it
-    assert t.grown(800, 99, 8.0, early=True) == 800
-    assert t.grown(800, 100, 8.0, early=True) == 1000
-    assert t.grown(800, 40, 8.0) == 800           # (at the ACK: 2 x 320 < 800)
+    # mid-sample, a window is judged once its consumer took an eighth of it,
+    # and only doubles (bdp >= 5/8 of it), never 2 x a short-interval bdp
+    assert t.grown(400, 49, 16.0, early=True) == 400
+    assert t.grown(400, 50, 16.0, early=True) == 800
+    assert t.grown(400, 60, 2.0, early=True) == 400      # bdp 120 < 5/8 x 400
+    assert t.grown(400, 50, 16.0) == 1000                # (at the ACK: 2 x bdp)
+    assert t.grown(800, 100, 16.0, early=True) == 1000   # the ceiling
+    t.on_consumed(100)
+    assert t.may_grow_early(5.0, 800) and not t.may_grow_early(4.9, 800)
     t.end_early()
     assert t.early(2.0) is None and t.wants_sample()
-    second = t.start(1.04)
-    assert t.claim_late(first)                    # the early-ended sample's ACK
-    assert not t.claim_late(first)                # ... once
-    assert not t.claim_late(second)               # the one in flight is finish()'s
-    assert t.finish(1.84) == pytest.approx(0.8)
-    assert not t.claim_late(second)
-    assert not t.claim_late(b"\0" * 8)            # the caller's own PINGs
+    second = t.start(1.06)
+    assert not t.claim_late(second, 1.1)          # the one in flight is finish()'s
+    assert not t.claim_late(b"\0" * 8, 1.1)       # the caller's own PINGs
+    assert t.claim_late(first, 1.2)               # the early-ended sample's ACK
+    assert t.rtt_min == pytest.approx(0.2)        # ... is an RTT sample too
+    assert not t.claim_late(first, 1.3)           # ... once
+    assert t.finish(1.36) == pytest.approx(2 / 3)
     third = t.start(2.0)
     t.end_early()
-    assert t.claim_late(third)                    # ended early, no sample after it
+    fourth = t.start(2.01)
+    t.end_early()
+    assert not t.claim_late(fourth, 2.2)          # ACKs come in order: third first
+    assert t.claim_late(third, 2.2) and t.claim_late(fourth, 2.2)
     assert WindowTuner(1000).early(5.0) is None   # no sample out
 
 
@@ -212,6 +220,27 @@ def test_a_limiting_window_grows_before_the_first_sample_is_acknowledged():
     p.run(0.3)
     assert p.throughput(p.now - 0.1) >= 0.9 * RATE
     assert p.peak_held <= p.windows()[1]
+
+
+def test_a_slow_consumer_that_reads_in_lumps_gets_no_more_window_either():
+    """Mid-sample judgments see a few consumer ticks: lumpy reading (every
+    2 ms on a 20 ms path) must not pass for a fast consumer."""
+    consume = RATE / 10
+    p = Path(settings(), RATE, DELAY, consume=consume, dt=0.002)
+    p.run(1.0)
+    bound = max(128 * KiB, 3.2 * consume * 2 * DELAY + 16 * KiB)
+    assert max(p.windows()) <= bound
+
+
+def test_an_inflated_handshake_rtt_costs_a_short_path_one_doubling_at_most():
+    """The handshake's RTT may include a busy peer's delay; the ACKs of the
+    samples that ended early still lower rtt_min, so growth stops."""
+    p = Path(settings(), RATE, 0.0002, dt=0.0001)
+    p.b._tuner.rtt_min = 0.005          # as if the handshake had taken 5 ms
+    p.run(0.3)
+    assert p.b._tuner.rtt_min < 0.002   # the path's 0.4 ms plus queueing
+    stream_w, conn_w = p.windows()
+    assert stream_w <= 2 * 64 * KiB and conn_w <= 2 * 128 * KiB
 
 
 def test_max_window_is_checked():
