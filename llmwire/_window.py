@@ -75,6 +75,9 @@ class WindowTuner:
 
     def seed_rtt(self, rtt: float) -> None:
         """A round trip measured before any data flowed (the handshake)."""
+        self._note_rtt(rtt)
+
+    def _note_rtt(self, rtt: float) -> None:
         if rtt > 0:
             self.rtt_min = rtt if self.rtt_min is None else min(self.rtt_min, rtt)
 
@@ -98,8 +101,7 @@ class WindowTuner:
         if not self._late or payload != self._late[0][0]:
             return False
         _, sent_at = self._late.popleft()
-        if now > sent_at:
-            self.rtt_min = min(self.rtt_min or now - sent_at, now - sent_at)
+        self._note_rtt(now - sent_at)
         return True
 
     def early(self, now: float) -> float | None:
@@ -142,7 +144,8 @@ class WindowTuner:
         self.check_at = float("inf")
         if interval <= 0:
             return None
-        self.rtt_min = interval if self.rtt_min is None else min(self.rtt_min, interval)
+        self._note_rtt(interval)
+        assert self.rtt_min is not None
         return self.rtt_min / interval
 
     def rest(self, grew: bool, connection_window: int) -> None:

@@ -269,8 +269,8 @@ class Connection:
         self._pool: list[bytearray] = []
         # A prompt consumer needs two or three; one that lets the window fill
         # up (it is decoding, or writing to disk) needs one per frame of the
-        # window: keep that many, so steady streaming allocates nothing.
-        self._pool_cap = 2 + self.settings.connection_window // self.settings.max_frame_payload
+        # window (the current one, _conn_target): keep that many, so steady
+        # streaming allocates nothing.
         self._posting = 0  # streams with a posted buffer
         self._out.append(self._preface)
 
@@ -763,7 +763,6 @@ class Connection:
         if new > self._conn_target:
             self._conn_unacked += new - self._conn_target
             self._conn_target = new
-            self._pool_cap = 2 + new // self.settings.max_frame_payload
             self._grant_connection()
             grew = True
         return grew
@@ -899,7 +898,7 @@ class Connection:
             if sys.getrefcount(pool[i]) == 2:
                 return pool[i]
         buf = bytearray(size)
-        if len(pool) < self._pool_cap:
+        if len(pool) < 2 + self._conn_target // self.settings.max_frame_payload:
             pool.append(buf)
         return buf
 
